@@ -1,0 +1,17 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+.PHONY: setup setup-dev demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+setup-dev:
+	bash scripts/setup.sh --dev
+
+demo: setup
+	.venv/bin/federimed demo
+
+test: setup-dev
+	.venv/bin/python -m pytest -ra
+
+bench: setup-dev
+	for b in bench/*.py; do .venv/bin/python $$b || exit 1; done

@@ -1,0 +1,119 @@
+"""FederiMed's Chainlit app for doctors: paste a case or attach a FHIR bundle, get a grounded suggestion.
+
+Thin by design: de-identification, retrieval, prompting and generation live in `federimed.assistant`,
+logins in `federimed.users`, chat history in `federimed.history`. Start it with `federimed chat`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import chainlit as cl
+from chainlit.input_widget import Select, Slider, Switch
+
+from federimed import chat_ui
+from federimed.assistant import Assistant, CaseError
+from federimed.history import data_layer
+from federimed.users import UserStore
+
+SETTINGS = chat_ui.AppSettings.from_env()
+
+
+@cl.data_layer
+def history() -> Any:
+    return data_layer(SETTINGS.database_url)
+
+
+@cl.password_auth_callback
+async def login(username: str, password: str) -> cl.User | None:
+    verified = await cl.make_async(UserStore(SETTINGS.users_db).verify)(username, password)
+    return cl.User(identifier=username, metadata={"role": "doctor", "provider": "credentials"}) if verified else None
+
+
+@cl.set_starters
+async def starters(user: cl.User | None = None) -> list[cl.Starter]:
+    return [cl.Starter(label=label, message=case) for label, case in chat_ui.STARTERS.items()]
+
+
+async def _send_settings(values: dict[str, Any]) -> dict[str, Any]:
+    versions = chat_ui.version_choices(SETTINGS.runs_dir)
+    chosen = values.get("model") if values.get("model") in versions.values() else chat_ui.default_version(versions)
+    widgets = [
+        Switch(id="retrieval", label="Ground answers in guideline excerpts", initial=values.get("retrieval", True)),
+        Select(id="model", label="Model version", items=versions, initial_value=chosen),
+        Slider(id="temperature", label="Temperature (0 = deterministic)", initial=values.get("temperature", 0.0),
+               min=0.0, max=1.0, step=0.1),
+        Slider(id="max_tokens", label="Longest answer (tokens)", initial=values.get("max_tokens", 160),
+               min=32, max=512, step=16),
+    ]  # fmt: skip
+    settings = await cl.ChatSettings(widgets).send()
+    cl.user_session.set("settings", settings)
+    return settings
+
+
+@cl.on_chat_start
+async def start() -> None:
+    await _send_settings({})
+
+
+@cl.on_chat_resume
+async def resume(thread: dict[str, Any]) -> None:
+    meta = thread.get("metadata") or {}
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    await _send_settings(meta.get("chat_settings") or {})
+
+
+@cl.on_settings_update
+async def settings_update(settings: dict[str, Any]) -> None:
+    cl.user_session.set("settings", settings)
+
+
+def _assistant(settings: dict[str, Any]) -> Assistant:
+    return chat_ui.assistant_for(settings["model"], SETTINGS)
+
+
+@cl.on_message
+async def on_message(message: cl.Message) -> None:
+    settings = cl.user_session.get("settings") or await _send_settings({})
+    bundles = [Path(e.path) for e in message.elements if e.path and chat_ui.is_bundle(e.name, e.mime)]
+    others = [e.name for e in message.elements if not (e.path and chat_ui.is_bundle(e.name, e.mime))]
+    if others:
+        await cl.ErrorMessage(content=chat_ui.unsupported_upload(others)).send()
+        return
+    try:
+        assistant = await cl.make_async(_assistant)(settings)
+        async with cl.Step(name=chat_ui.CASE_STEP, type="tool") as case_step:
+            case = bundles[0] if bundles else message.content
+            prepared = await cl.make_async(assistant.prepare)(
+                case, retrieval=False
+            )  # de-identification first; retrieval is its own step
+            case_step.output = chat_ui.case_summary(prepared.case_text, from_bundle=bool(bundles))
+        if not bundles and prepared.case_text != message.content.strip():
+            message.content = prepared.case_text  # keep only the de-identified text in the history
+            await message.update()
+        if settings["retrieval"]:
+            async with cl.Step(name=chat_ui.RETRIEVAL_STEP, type="retrieval") as retrieval_step:
+                prepared = await cl.make_async(assistant.prepare)(prepared.case_text, retrieval=True)
+                retrieval_step.output = chat_ui.retrieval_summary(prepared.snippets)
+    except CaseError as exc:
+        await cl.ErrorMessage(content=f"**The case could not be used:** {exc}").send()
+        return
+
+    answer = cl.Message(content="", author="FederiMed")
+    if assistant.notice:
+        await cl.Message(content=f"_{assistant.notice}_", author="FederiMed").send()
+    try:
+        async for piece in assistant.astream(
+            prepared, temperature=float(settings["temperature"]), max_new_tokens=int(settings["max_tokens"])
+        ):
+            await answer.stream_token(piece)
+    except CaseError as exc:
+        await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
+        return
+    sources = chat_ui.source_elements(prepared.snippets)
+    answer.elements = [cl.Text(name=s.name, content=s.content, display="side") for s in sources]
+    answer.content = chat_ui.with_footer(answer.content, sources, assistant.version)
+    await answer.update() if answer.id and answer.streaming is False else await answer.send()
+    await chat_ui.name_thread(cl.context.session.thread_id, prepared.case_text)

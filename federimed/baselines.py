@@ -1,0 +1,137 @@
+"""Centralized (pooled data) and local-only baselines, trained with the federated clients' own loop.
+
+Same budget: a federated run of R rounds over H hospitals does `local_steps` (L) optimizer steps of
+`batch_size` dialogues per hospital per round, so R·H·L steps and R·H·L·batch_size dialogues in all.
+- centralized gets the same compute: R·H·L steps on the pooled training sets, checkpointed every H·L steps;
+- local-only gets what the hospital spends inside the federation: R·L steps on its own data, checkpointed
+  every L steps.
+Either way there are R checkpoints, and checkpoint N has seen as many dialogues as federated round N (per
+hospital for local-only), with the cosine schedule spanning the whole run. As in a federated round, each
+checkpoint's chunk starts a fresh optimizer. Every checkpoint records held-out loss on each hospital.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from federimed.checkpoints import RunDir, new_run, save_round
+from federimed.config import RunSettings
+from federimed.model import add_lora, load_base
+from federimed.training import Example, encode_dialogues, evaluate_loss, load_dialogues, train_local
+
+log = logging.getLogger(__name__)
+
+
+def budget_steps(settings: RunSettings, hospitals: int, mode: str) -> int:
+    """Total optimizer steps a baseline gets to match a federated run over `hospitals` hospitals."""
+    per_hospital = settings.rounds * settings.train.local_steps
+    if mode == "centralized":
+        return per_hospital * hospitals
+    if mode == "local-only":
+        return per_hospital
+    raise ValueError(f"no step budget for mode {mode!r}")
+
+
+def hospital_names(data_dir: Path) -> list[str]:
+    """Hospitals under `data_dir`: sub-directories holding a train.jsonl."""
+    names = sorted(p.name for p in Path(data_dir).iterdir() if (p / "train.jsonl").is_file())
+    if not names:
+        raise FileNotFoundError(f"no hospital with a train.jsonl under {data_dir}")
+    return names
+
+
+def load_split(data_dir: Path, hospital: str, split: str, tokenizer, seq_len: int) -> list[Example]:
+    """Tokenised `DATA/<hospital>/<split>.jsonl` (split: train or heldout)."""
+    path = Path(data_dir) / hospital / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"hospital {hospital!r} has no {split} set: {path} is missing")
+    return encode_dialogues(tokenizer, load_dialogues(path), seq_len)
+
+
+def train_centralized(
+    data_dir: Path,
+    hospitals: Sequence[str] | None,
+    settings: RunSettings,
+    runs_dir: Path,
+    total_steps: int | None = None,
+    *,
+    progress: bool = False,
+) -> RunDir:
+    """Train one adapter on the pooled training sets of `hospitals` (default: all under `data_dir`)."""
+    hospitals = list(hospitals or hospital_names(data_dir))
+    total = total_steps or budget_steps(settings, len(hospitals), "centralized")
+    return _run(data_dir, hospitals, hospitals, "centralized", settings, runs_dir, total, progress)
+
+
+def train_local_only(
+    data_dir: Path,
+    hospital: str,
+    settings: RunSettings,
+    runs_dir: Path,
+    total_steps: int | None = None,
+    *,
+    eval_hospitals: Sequence[str] | None = None,
+    progress: bool = False,
+) -> RunDir:
+    """Train an adapter on one hospital's data alone; score it on every hospital's held-out set by default."""
+    total = total_steps or budget_steps(settings, 1, "local-only")
+    evaluated = list(eval_hospitals or hospital_names(data_dir))
+    return _run(data_dir, [hospital], evaluated, "local-only", settings, runs_dir, total, progress)
+
+
+def _run(
+    data_dir: Path,
+    train_on: list[str],
+    evaluate_on: list[str],
+    mode: str,
+    settings: RunSettings,
+    runs_dir: Path,
+    total_steps: int,
+    progress: bool,
+) -> RunDir:
+    if total_steps % settings.rounds:
+        raise ValueError(f"total_steps={total_steps} must split evenly into rounds={settings.rounds} checkpoints")
+    chunk = total_steps // settings.rounds
+    model, tokenizer = load_base(settings.model)
+    model = add_lora(model, settings.lora, seed=settings.train.seed)
+    seq_len = settings.train.seq_len
+    train = {h: load_split(data_dir, h, "train", tokenizer, seq_len) for h in train_on}
+    for hospital, examples in train.items():
+        if not examples:
+            raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {data_dir / hospital}")
+    heldout = {h: load_split(data_dir, h, "heldout", tokenizer, seq_len) for h in evaluate_on}
+    pooled = [e for examples in train.values() for e in examples]
+    run = new_run(runs_dir, settings, mode, {h: len(e) for h, e in train.items()})
+    log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)
+    for round_num in range(1, settings.rounds + 1):
+        result = train_local(
+            model, tokenizer, pooled, settings.train,
+            steps=chunk, start_step=(round_num - 1) * chunk, total_steps=total_steps, progress=progress,
+        )
+        metrics = {
+            "steps": round_num * chunk,
+            "train_loss": result.loss,
+            "examples_seen": result.examples_seen,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 2),
+            **_heldout_metrics(model, heldout, settings.eval_batch_size),
+        }
+        save_round(run, round_num, model, metrics)
+        log.info("%s round %d: train loss %.3f, held-out %s", mode, round_num, result.loss, metrics["heldout_loss"])
+    return run
+
+
+def _heldout_metrics(model, heldout: Mapping[str, list[Example]], batch_size: int) -> dict:
+    """Held-out loss per hospital and pooled over all their answer tokens (None where a set is empty)."""
+    hospitals, total, tokens = {}, 0.0, 0
+    for hospital, examples in heldout.items():
+        if not examples:
+            log.warning("hospital %r has an empty held-out set; no held-out loss for it", hospital)
+            hospitals[hospital] = {"heldout_loss": None, "heldout_tokens": 0}
+            continue
+        loss, n = evaluate_loss(model, examples, batch_size)
+        hospitals[hospital] = {"heldout_loss": loss, "heldout_tokens": n}
+        total, tokens = total + loss * n, tokens + n
+    return {"heldout_loss": total / tokens if tokens else None, "heldout_tokens": tokens, "hospitals": hospitals}

@@ -1,0 +1,24 @@
+"""The `federimed` console command."""
+
+from __future__ import annotations
+
+import typer
+
+from federimed.commands import chat, data, index, synth, train
+
+app = typer.Typer(
+    name="federimed",
+    help="FederiMed: hospitals fine-tune one clinical LLM together; doctors ask it about a case.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+synth.register(app)
+data.register(app)
+train.register(app)
+index.register(app)
+chat.register(app)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,288 @@
+"""Training commands: `train` (federated simulation or a baseline), `server` and `hospital join` (deployment)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+hospital_app = typer.Typer(help="Hospital side of a Flower deployment.", no_args_is_help=True)
+
+Rounds = Annotated[int, typer.Option(min=1, help="Federated rounds (baselines save as many checkpoints).")]
+LocalSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps per hospital per round.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Dialogues per optimizer step.")]
+SeqLen = Annotated[int, typer.Option(min=32, help="Longest tokenised dialogue.")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
+Seed = Annotated[int, typer.Option(help="Seed for adapter initialisation and sampling.")]
+BaseModel = Annotated[str, typer.Option(help="Base model: alias, local path or cached Hugging Face id.")]
+RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.")]
+
+
+def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str):
+    from pydantic import ValidationError
+
+    from federimed.config import ModelSettings, RunSettings, TrainSettings
+
+    try:
+        return RunSettings(
+            rounds=rounds,
+            model=ModelSettings(base=base_model),
+            train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed),
+        )
+    except ValidationError as err:
+        console.print(f"[red]error:[/] invalid training settings: {err}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+def _resume_target(runs_dir: Path, run_id: str | None) -> str:
+    """The run to continue: `run_id`, else the run runs/latest points into."""
+    from federimed.checkpoints import CheckpointError, resolve_checkpoint
+
+    if run_id:
+        if not (runs_dir / run_id / "run.json").is_file():
+            raise _fail(f"cannot resume run {run_id!r}: {runs_dir / run_id / 'run.json'} not found")
+        return run_id
+    try:
+        return resolve_checkpoint("latest", runs_dir).parent.name
+    except CheckpointError as err:
+        raise _fail(f"nothing to resume: {err}") from None
+
+
+def _round_table(entry) -> Table:
+    table = Table(title=f"round {entry.round}: train loss {_f(entry.train_loss)}, held-out {_f(entry.heldout_loss)}")
+    for column in ("hospital", "train loss", "held-out loss", "examples", "sent MB", "received MB", "train s"):
+        table.add_column(column, justify="left" if column == "hospital" else "right")
+    for name, row in sorted(entry.hospitals.items()):
+        table.add_row(
+            name, _f(row.train_loss), _f(row.heldout_loss), str(row.num_examples),
+            f"{row.bytes_sent / 1e6:.2f}", f"{row.bytes_received / 1e6:.2f}", f"{row.seconds:.0f}",
+        )
+    for name, reason in entry.dropped.items():
+        table.add_row(f"[red]{name}[/]", f"[red]dropped: {reason}[/]", "", "", "", "", "")
+    return table
+
+
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _simulate(data: Path, hospitals: list[Path], options) -> Path:
+    """Run the federation as an in-process Flower simulation (one virtual SuperNode per hospital)."""
+    from flwr.simulation import run_simulation
+
+    from federimed.fl import client_app
+    from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV
+    from federimed.fl.server_app import server_app
+
+    os.environ[DATA_DIR_ENV] = str(data.resolve())  # read by the virtual SuperNodes (see fl.hospitals)
+    os.environ[HOSPITALS_ENV] = ",".join(h.name for h in hospitals)
+    saved: list[Path] = []
+    with Progress(
+        TextColumn("[bold]federated[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("rounds", total=options.settings.rounds)
+
+        def on_round(entry, path: Path) -> None:
+            saved.append(path)
+            progress.console.print(_round_table(entry))
+            progress.update(task, completed=entry.round, description=f"round {entry.round} saved to {path}")
+
+        run_simulation(
+            server_app=server_app(options, on_round),
+            client_app=client_app.app,
+            num_supernodes=len(hospitals),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(1, min(len(hospitals), os.cpu_count() or 1)), "log_to_driver": True},
+            },
+        )
+    if not saved:
+        raise _fail("the federated run saved no checkpoint (see the log above)")
+    return saved[-1].parent
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Ingested data directory (one sub-directory per hospital).")] = Path(
+        "data/hospitals"
+    ),
+    runs_dir: RunsDir = Path("runs"),
+    hospitals: Annotated[str | None, typer.Option(help="Comma-separated hospitals (default: all under --data).")] = None,
+    mode: Annotated[str, typer.Option(help="federated | centralized (pooled data) | local (one hospital alone).")] = (
+        "federated"
+    ),
+    hospital: Annotated[str | None, typer.Option(help="The hospital for --mode local.")] = None,
+    rounds: Rounds = 3,
+    local_steps: LocalSteps = 10,
+    batch_size: BatchSize = 8,
+    seq_len: SeqLen = 256,
+    lr: Lr = 1e-3,
+    seed: Seed = 0,
+    base_model: BaseModel = "smollm2-135m-instruct",
+    run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
+) -> None:
+    """Fine-tune the LoRA adapter: federated (a Flower simulation over the hospitals) or a baseline.
+
+    Federated runs one virtual Flower SuperNode per hospital in this process (Ray backend); only adapter
+    weights travel. Every round is checkpointed into RUNS_DIR/<run>/round-N and plotted into loss.png.
+    """
+    from federimed.fl.hospitals import HospitalDataError, ingested_hospitals
+
+    if mode not in ("federated", "centralized", "local"):
+        raise _fail(f"--mode must be federated, centralized or local, not {mode!r}")
+    if run_id and not resume:
+        raise _fail("--run-id names the run to continue with --resume; new runs are named by their start time")
+    names = [n.strip() for n in hospitals.split(",") if n.strip()] if hospitals else None
+    try:
+        found = ingested_hospitals(data, names)
+    except HospitalDataError as err:
+        raise _fail(str(err)) from None
+    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
+    if mode != "federated":
+        run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
+    else:
+        from federimed.fl.settings import ServerOptions
+
+        options = ServerOptions(
+            settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
+            resume_run=_resume_target(runs_dir, run_id) if resume else "",
+        )
+        run_path = _simulate(data, found, options)
+    console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
+
+
+def _baseline(data: Path, found: list[Path], mode: str, hospital: str | None, settings, runs_dir: Path, resume: bool):
+    from federimed.baselines import train_centralized, train_local_only
+    from federimed.checkpoints import plot_losses
+
+    if resume:
+        raise _fail("--resume continues federated runs only")
+    names = [h.name for h in found]
+    if mode == "local":
+        if hospital is None or hospital not in names:
+            raise _fail(f"--mode local needs --hospital, one of: {', '.join(names)}")
+        run = train_local_only(data, hospital, settings, runs_dir, eval_hospitals=names, progress=True)
+    else:
+        run = train_centralized(data, names, settings, runs_dir, progress=True)
+    plot_losses(run.path)
+    return run.path
+
+
+def _app_dir() -> Path:
+    """The project directory holding the Flower app's pyproject.toml (what `flwr run` packages)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise _fail(f"the Flower app needs FederiMed's source tree; no pyproject.toml in {root}")
+    return root
+
+
+def server(
+    hospitals: Annotated[int, typer.Option(min=1, help="Hospitals that must join before round 1 starts.")] = 3,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="SuperLink port (Fleet, Control and Runtime APIs).")] = 9091,
+    runs_dir: RunsDir = Path("runs"),
+    rounds: Rounds = 3,
+    local_steps: LocalSteps = 10,
+    batch_size: BatchSize = 8,
+    seq_len: SeqLen = 256,
+    lr: Lr = 1e-3,
+    seed: Seed = 0,
+    base_model: BaseModel = "smollm2-135m-instruct",
+    min_hospitals: Annotated[int, typer.Option(min=1, help="Fewest hospitals a round needs after round 1.")] = 1,
+    resume: Annotated[str | None, typer.Option(help="Run id to continue from its last checkpoint.")] = None,
+) -> None:
+    """Start a Flower SuperLink and run the federation on it; hospitals join with `federimed hospital join`.
+
+    The server never sees hospital data: it sends the global adapter and training settings, and averages
+    the adapters that come back. Stops the SuperLink (and its children) when the run ends.
+    """
+    from federimed.fl import deployment
+    from federimed.fl.settings import ServerOptions
+
+    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
+    if resume and not (runs_dir / resume / "run.json").is_file():
+        raise _fail(f"cannot resume run {resume!r}: {runs_dir / resume / 'run.json'} not found")
+    if min_hospitals > hospitals:
+        raise _fail(f"--min-hospitals ({min_hospitals}) cannot exceed --hospitals ({hospitals})")
+    options = ServerOptions(
+        settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
+        resume_run=resume or "",
+    )
+    flwr_home = runs_dir.resolve() / ".flower"
+    run_config = deployment.write_run_config(flwr_home / "run-config.toml", options.to_run_config())
+    superlink = deployment.start_superlink(port=port, host=host, flwr_home=flwr_home, log=flwr_home / "superlink.log")
+    run = None
+    try:
+        address = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        deployment.add_connection(flwr_home, "federimed", address)
+        console.print(f"SuperLink on {host}:{port}; waiting for {hospitals} hospital(s) to join, e.g.\n"
+                      f"  federimed hospital join --superlink {address} --data data/hospitals/<name>")
+        run = deployment.submit_run(
+            app_dir=_app_dir(), connection="federimed", run_config=run_config, flwr_home=flwr_home, log=None
+        )
+        code = run.wait()
+        if code:
+            raise _fail(f"`flwr run` exited with {code}; SuperLink log: {superlink.log}")
+    finally:
+        if run is not None:
+            run.stop()
+        superlink.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def join(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="This hospital's ingested directory (data/hospitals/<name>).")],
+    port: Annotated[int, typer.Option(help="Port for this SuperNode's ClientApp API (0: pick a free one).")] = 0,
+    outbox: Annotated[
+        Path | None, typer.Option(help="Keep a copy of every adapter this hospital sends (round-N.safetensors).")
+    ] = None,
+) -> None:
+    """Join a federation as a hospital: start a Flower SuperNode that trains on DATA (it never leaves)."""
+    from federimed.fl import deployment
+    from federimed.fl.hospitals import HospitalDataError, check_hospital
+    from federimed.model import cache_root
+
+    try:
+        path = check_hospital(data)
+    except HospitalDataError as err:
+        raise _fail(str(err)) from None
+    if ":" not in superlink:
+        raise _fail(f"--superlink must be HOST:PORT, not {superlink!r}")
+    flwr_home = cache_root() / "flower" / path.name
+    node = deployment.start_supernode(
+        name=f"supernode {path.name}", superlink=superlink, data_path=path,
+        port=port or deployment.free_port(), flwr_home=flwr_home, log=None, outbox=outbox.resolve() if outbox else None,
+    )
+    console.print(f"hospital {path.name} joined {superlink}; Ctrl-C to leave")
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+        node.wait()
+    except KeyboardInterrupt:
+        console.print(f"hospital {path.name} leaving")
+    finally:
+        node.stop()
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train`, `server` and `hospital join` to the root app."""
+    app.command()(train)
+    app.command()(server)
+    hospital_app.command()(join)
+    app.add_typer(hospital_app, name="hospital")

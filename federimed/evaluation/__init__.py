@@ -1,0 +1,1 @@
+"""Scoring free-text treatment answers against what held-out patients actually received."""

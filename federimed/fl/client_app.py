@@ -1,0 +1,111 @@
+"""The hospital side (Flower ClientApp): local LoRA training and held-out scoring on this hospital's data.
+
+Only adapter weights enter and leave: the reply carries `ArrayRecord(adapter_state(model))`, a
+MetricRecord (train_loss, num-examples, tokens, seconds, bytes) and the hospital's directory name.
+The server sends the run's settings (JSON of RunSettings) in the message's ConfigRecord; the data
+directory comes from this node only (see `federimed.fl.hospitals`). With node config `outbox=DIR`
+the hospital keeps a copy of every adapter it sent (`DIR/round-NNN.safetensors`) for its own audit.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from federimed.config import RunSettings
+from federimed.fl.hospitals import OUTBOX_KEY, node_hospital
+from federimed.fl.strategy import HOSPITAL_RECORD
+from federimed.model import add_lora, adapter_state, load_adapter_state, load_base
+from federimed.training import Example, encode_dialogues, evaluate_loss, load_dialogues, train_local
+
+SETTINGS_KEY = "settings"
+"""Key in the message ConfigRecord holding RunSettings as JSON."""
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=1)
+def _model(model_json: str, lora_json: str, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base model with a LoRA adapter, loaded once per process (the adapter is overwritten per message)."""
+    settings = RunSettings.model_validate({"model": json.loads(model_json), "lora": json.loads(lora_json)})
+    base, tokenizer = load_base(settings.model)
+    return add_lora(base, settings.lora, seed=seed), tokenizer
+
+
+@lru_cache(maxsize=4)
+def _examples(path: Path, mtime_ns: int, seq_len: int, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """Tokenised dialogues of one file (cached while the file is unchanged)."""
+    return encode_dialogues(tokenizer, load_dialogues(path), seq_len)
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunSettings, Path, PeftModel, PreTrainedTokenizerBase]:
+    """Settings from the server, this node's hospital, and the model holding the received global adapter."""
+    settings = RunSettings.model_validate_json(str(msg.content["config"][SETTINGS_KEY]))
+    hospital = node_hospital(context.node_config)
+    model, tokenizer = _model(settings.model.model_dump_json(), settings.lora.model_dump_json(), settings.train.seed)
+    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    return settings, hospital, model, tokenizer
+
+
+def _load(path: Path, settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    examples = _examples(path, path.stat().st_mtime_ns, settings.train.seq_len, tokenizer)
+    if not examples:
+        raise ValueError(f"{path}: no dialogue fits seq_len={settings.train.seq_len}")
+    return examples
+
+
+def _reply(msg: Message, hospital: Path, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), HOSPITAL_RECORD: ConfigRecord({"name": hospital.name})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global adapter for `local-steps` on this hospital's train.jsonl; reply the adapter."""
+    settings, hospital, model, tokenizer = _setup(msg, context)
+    config = msg.content["config"]
+    server_round, total_rounds = int(config["server-round"]), int(config["total-rounds"])
+    steps = settings.train.local_steps
+    examples = _load(hospital / "train.jsonl", settings, tokenizer)
+    result = train_local(
+        model,
+        tokenizer,
+        examples,
+        settings.train,
+        steps=steps,
+        start_step=(server_round - 1) * steps,
+        total_steps=total_rounds * steps,
+    )
+    state = adapter_state(model)
+    arrays = ArrayRecord(state)
+    num_examples = len(examples)
+    if outbox := context.node_config.get(OUTBOX_KEY):
+        Path(str(outbox)).mkdir(parents=True, exist_ok=True)
+        meta = {"hospital": hospital.name, "round": str(server_round), "num-examples": str(num_examples)}
+        save_file(state, Path(str(outbox)) / f"round-{server_round:03d}.safetensors", metadata=meta)
+    metrics = {
+        "train_loss": result.loss,
+        "num-examples": num_examples,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "bytes": arrays.count_bytes(),
+    }
+    return _reply(msg, hospital, metrics, arrays)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received global adapter on this hospital's heldout.jsonl (mean loss per answer token)."""
+    settings, hospital, model, tokenizer = _setup(msg, context)
+    examples = _load(hospital / "heldout.jsonl", settings, tokenizer)
+    loss, tokens = evaluate_loss(model, examples, settings.eval_batch_size)
+    return _reply(msg, hospital, {"heldout_loss": loss, "num-examples": len(examples), "tokens": tokens})

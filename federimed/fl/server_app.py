@@ -1,0 +1,130 @@
+"""The coordinating side (Flower ServerApp): FedAvg of LoRA adapters, a checkpoint per round, resume.
+
+`app` reads its options from the Flower run config (`flwr run . --run-config ...`, keys in
+`federimed.fl.settings`); `server_app(options, on_round)` builds one with fixed options for in-process
+simulations. Each round: every connected hospital trains from the global adapter, the replies are
+averaged (weighted by num-examples), the hospitals score the new adapter on their held-out dialogues,
+and `runs/<run>/round-N/` is saved (adapter + metrics.json with the per-hospital ledger and drop-outs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from federimed.checkpoints import RunDir, new_run, plot_losses, resume_state, save_round
+from federimed.config import RunSettings
+from federimed.fl.client_app import SETTINGS_KEY
+from federimed.fl.settings import ServerOptions
+from federimed.fl.strategy import AdapterFedAvg, RoundLog
+from federimed.model import adapter_state, add_lora, load_base
+
+log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with Flower's own logs
+
+RoundCallback = Callable[[RoundLog, Path], None]
+
+
+def initial_adapter(settings: RunSettings) -> dict:
+    """The fresh adapter every run starts from (seeded by `settings.train.seed`)."""
+    base, _ = load_base(settings.model)
+    return adapter_state(add_lora(base, settings.lora, seed=settings.train.seed))
+
+
+def _start(options: ServerOptions) -> tuple[RunSettings, RunDir | None, int, dict]:
+    """Settings, the run to continue (None for a new one), the first round and the adapter it starts from."""
+    if not options.resume_run:
+        return options.settings, None, 1, initial_adapter(options.settings)
+    run = RunDir(options.runs_dir / options.resume_run)
+    if not (run.path / "run.json").is_file():
+        raise FileNotFoundError(f"cannot resume run {options.resume_run!r}: {run.path / 'run.json'} not found")
+    settings = run.settings().model_copy(update={"rounds": options.settings.rounds})
+    saved = resume_state(run.path)
+    if saved is None:
+        return settings, run, 1, initial_adapter(settings)
+    done, state = saved
+    log.info("resuming run %s after round %d of %d", run.id, done, settings.rounds)
+    return settings, run, done + 1, state
+
+
+def federate(grid: Grid, options: ServerOptions, on_round: RoundCallback | None = None) -> Path | None:
+    """Run the federation to `settings.rounds`; return the run directory (None if no round completed)."""
+    settings, run, first, state = _start(options)
+    remaining = settings.rounds - first + 1
+    if remaining < 1:
+        log.info("run %s already has all %d rounds", run.id if run else "?", settings.rounds)
+        return run.path if run else None
+    strategy = AdapterFedAvg(
+        hospitals=options.hospitals,
+        min_hospitals=options.min_hospitals,
+        fraction_evaluate=options.fraction_evaluate,
+        first_round=first,
+    )
+    train_config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds})
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal run
+        if server_round == 0:
+            return None
+        entry = strategy.rounds[strategy.run_round(server_round)]
+        if not entry.hospitals or all(h.train_loss is None for h in entry.hospitals.values()):
+            log.warning("round %d: nothing to checkpoint (no hospital trained)", entry.round)
+            return None
+        if run is None:
+            counts = {name: h.num_examples for name, h in entry.hospitals.items() if h.train_loss is not None}
+            run = new_run(options.runs_dir, settings, "federated", counts)
+        path = save_round(run, entry.round, arrays.to_torch_state_dict(), entry.to_json())
+        _log_round(entry, settings.rounds, path)
+        if on_round is not None:
+            on_round(entry, path)
+        return None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(state),
+        num_rounds=remaining,
+        timeout=options.round_timeout,
+        train_config=train_config,
+        evaluate_config=ConfigRecord({SETTINGS_KEY: settings.model_dump_json()}),
+        evaluate_fn=checkpoint,
+    )
+    if run is None:
+        return None
+    plot_losses(run.path)
+    return run.path
+
+
+def _log_round(entry: RoundLog, total: int, path: Path) -> None:
+    log.info(
+        "round %d/%d: train loss %s, held-out loss %s, %.0f s → %s",
+        entry.round, total, _fmt(entry.train_loss), _fmt(entry.heldout_loss), entry.seconds, path,
+    )
+    for name, row in sorted(entry.hospitals.items()):
+        log.info(
+            "  %s: train loss %s, held-out %s, %d examples, sent %.2f MB, received %.2f MB",
+            name, _fmt(row.train_loss), _fmt(row.heldout_loss), row.num_examples,
+            row.bytes_sent / 1e6, row.bytes_received / 1e6,
+        )
+    for name, reason in entry.dropped.items():
+        log.warning("  hospital %s dropped in round %d: %s", name, entry.round, reason)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def server_app(options: ServerOptions | None = None, on_round: RoundCallback | None = None) -> ServerApp:
+    """A ServerApp running `federate` with `options` (None: read them from the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        federate(grid, options or ServerOptions.from_run_config(context.run_config), on_round)
+
+    return app
+
+
+app = server_app()

