@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from federimed.commands import chat, data, index, synth, train
+from federimed.commands import chat, data, demo, evaluate, index, synth, train
 
 app = typer.Typer(
     name="federimed",
@@ -19,6 +19,8 @@ data.register(app)
 train.register(app)
 index.register(app)
 chat.register(app)
+evaluate.register(app)
+demo.register(app)
 
 if __name__ == "__main__":
     app()

@@ -241,14 +241,13 @@ def _load_html(path: Path, source: str) -> GuidelineDocument:
 
 def _load_pdf(path: Path, source: str) -> GuidelineDocument:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(path)
         pages = tuple(re.sub(r"[ \t]+", " ", page.extract_text() or "").strip() for page in reader.pages)
         info = reader.metadata or {}
-    except (PyPdfError, OSError, ValueError, KeyError) as error:
-        raise GuidelineDocumentError(f"{path}: unreadable PDF ({error})") from error
+    except Exception as error:  # pypdf raises many exception types on malformed files
+        raise GuidelineDocumentError(f"{path}: unreadable PDF ({type(error).__name__}: {error})") from error
     meta = {
         key: str(info[name]).strip()
         for key, name in (("title", "/Title"), ("issuer", "/Author"), ("guideline", "/Subject"),

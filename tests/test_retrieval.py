@@ -56,6 +56,7 @@ def small_corpus(tmp_path: Path) -> Path:
     return corpus
 
 
+@pytest.mark.slow  # first use builds the shipped index (~1 min on 2 busy cores)
 def test_round_trip_search(shipped_index_dir: Path, shipped_index: GuidelineIndex) -> None:
     query = "Strep throat confirmed by rapid antigen test in a child, which antibiotic?"
     snippets = shipped_index.search(query, k=3)
@@ -162,6 +163,7 @@ def test_index_command(cache: Path, small_corpus: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "guideline folder not found" in " ".join(missing.output.split())
 
 
+@pytest.mark.slow
 def test_recall_at_3_on_labelled_cases(shipped_index: GuidelineIndex) -> None:
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
     assert len(cases) >= 60

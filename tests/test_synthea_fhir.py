@@ -227,3 +227,36 @@ def test_a_broken_patient_skips_its_resources_with_a_reason(tmp_path: Path) -> N
         ("entry[1] Encounter/e1", "references patient 'urn:uuid:p1', not in this bundle"),
         ("entry[2] Condition/c1", "references patient 'Patient/p1', not in this bundle"),
     ]
+
+
+def test_practitioners_are_keyed_by_id_whatever_the_entry_order(tmp_path: Path) -> None:
+    npi = {"system": "http://hl7.org/fhir/sid/us-npi", "value": "9999912345"}
+    role = {
+        "resourceType": "PractitionerRole",
+        "id": "role1",
+        "practitioner": {"identifier": npi},
+        "organization": {"identifier": {"value": "org1"}},
+        "specialty": [{"text": "Cardiology"}],
+    }
+    doctor = {"resourceType": "Practitioner", "id": "doc1", "identifier": [npi], "name": [{"family": "Who"}]}
+    encounter = _encounter()
+    encounter["participant"] = [{"individual": {"reference": "Practitioner?identifier=us-npi|9999912345"}}]
+    path = _write(tmp_path / "bundle.json", _bundle(role, doctor, _patient(), encounter))
+    result = read_fhir([path])
+    assert result.skipped == []
+    assert result.practitioners == {
+        "doc1": {
+            "name": "Who",
+            "gender": None,
+            "npi": "9999912345",
+            "address": None,
+            "city": None,
+            "state": None,
+            "zip": None,
+            "phone": None,
+            "email": None,
+            "organization_id": "org1",
+            "specialty": "Cardiology",
+        }
+    }
+    assert result.timelines[0].encounters[0].provider_id == "doc1"

@@ -20,7 +20,12 @@ def register(app: typer.Typer) -> None:
             "--out", "-o", help="Index directory. Default: data/guideline-index.", show_default=False)] = None,
         force: Annotated[bool, typer.Option("--force", help="Rebuild even when nothing changed.")] = False,
     ) -> None:
-        """Chunk, embed (all-MiniLM-L6-v2) and index guideline documents for the chat's retrieval."""
+        """Chunk, embed (all-MiniLM-L6-v2) and index guideline documents for the chat's retrieval.
+
+        DOCS_DIR: .md, .txt, .html or .pdf guideline documents; default: the shipped starter corpus.
+
+        An index whose corpus, chunking and model are unchanged is kept; unreadable files are reported.
+        """
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table

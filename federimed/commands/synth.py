@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         Profiles, cycled with fresh seeds past three hospitals: [bold]childrens[/] (ages 0-17),
         [bold]general[/] (18-64), [bold]geriatric-cardiac[/] (65-90, cardiac and chronic-disease modules).
-        Writes OUT/<hospital>/fhir/*.json (FHIR R4 bundles) and OUT/synth.json. About 0.6 patients/s.
+        Writes OUT/<hospital>/fhir/*.json (FHIR R4 bundles) and OUT/synth.json. Takes seconds per patient.
         """
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         out.mkdir(parents=True, exist_ok=True)
         table = Table(title=f"Synthetic federation in {out} (seed {seed})")
-        for column in ("hospital", "ages", "modules", "seed", "patients", "conditions", "medications", "skipped"):
+        for column in ("hospital", "ages", "modules", "patients", "conditions", "medications", "skipped"):
             table.add_column(column, justify="right" if column not in ("hospital", "modules") else "left")
         with Progress(
             TextColumn("{task.description}"),
@@ -66,11 +66,12 @@ def register(app: typer.Typer) -> None:
                     console.print(f"[red]error:[/] {exc}", soft_wrap=True)
                     raise typer.Exit(1) from None
                 result = read_fhir([fhir])
+                for skip in result.skipped:
+                    console.print(f"[yellow]skipped[/] {skip.source} {skip.location}: {skip.reason}", soft_wrap=True)
                 table.add_row(
                     spec.hospital,
                     f"{spec.min_age}-{spec.max_age}",
-                    f"{len(spec.modules)} selected" if spec.modules else "all",
-                    str(spec.seed),
+                    f"{len(spec.modules)} chosen" if spec.modules else "all",
                     str(len(result.timelines)),
                     str(sum(len(t.conditions) for t in result.timelines)),
                     str(sum(len(t.medications) for t in result.timelines)),

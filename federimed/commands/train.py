@@ -37,12 +37,12 @@ def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: 
             train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed),
         )
     except ValidationError as err:
-        console.print(f"[red]error:[/] invalid training settings: {err}")
+        console.print(f"[red]error:[/] invalid training settings: {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
+    console.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(2)
 
 

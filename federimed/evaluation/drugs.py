@@ -1,7 +1,7 @@
 """Drug-name normalisation: free text (brands, doses, combinations) → RxNorm-style ingredient names.
 
 The vocabulary is built from the data itself (each medication's RxNorm description and the
-ingredients the case builder parsed from it), plus a short table of common US brand names so that
+ingredients `ingest.cases.parse_ingredients` found in it), plus a short table of common US brand names so that
 an answer saying "Augmentin" or "Glucophage" scores like one saying the ingredients.
 """
 
@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ingest.cases import parse_ingredients
 
 # Common brands → ingredients, for brands Synthea's descriptions do not carry in brackets.
 COMMON_BRANDS: dict[str, tuple[str, ...]] = {
@@ -47,32 +49,7 @@ COMMON_BRANDS: dict[str, tuple[str, ...]] = {
     "synthroid": ("levothyroxine",),
 }
 
-# Words that are never part of an ingredient name: salts, forms, routes, release modifiers.
-_NON_INGREDIENT = {
-    "hydrochloride", "hcl", "sodium", "potassium", "calcium", "magnesium", "succinate", "tartrate",
-    "bitartrate", "citrate", "maleate", "besylate", "mesylate", "sulfate", "acetate", "propionate",
-    "hydrobromide", "phosphate", "fumarate", "bromide", "oral", "tablet", "capsule", "solution",
-    "suspension", "injection", "injectable", "inhaler", "inhalation", "metered", "dose", "dry",
-    "powder", "extended", "release", "delayed", "chewable", "topical", "cream", "ointment", "spray",
-    "mucosal", "nasal", "ophthalmic", "transdermal", "system", "prefilled", "syringe", "auto",
-    "injector", "drug", "implant", "pack", "day", "actuat", "mg", "ml", "unt", "hr", "mcg",
-    "abuse", "deterrent", "gel", "patch", "film", "coated", "kit", "vial", "intrauterine",
-}
-
 _BRACKET = re.compile(r"\[([^\]]+)\]")
-_WORD = re.compile(r"[a-z][a-z\-]+")
-
-
-def ingredients_of(description: str) -> list[str]:
-    """Ingredient names of one RxNorm description ("Amoxicillin 250 MG / Clavulanate 125 MG ..." →
-    ["amoxicillin", "clavulanate"]). Falls back to the product name for brand-only packs."""
-    text = _BRACKET.sub(" ", description.lower())
-    found: list[str] = []
-    for part in text.split(" / "):
-        words = [w for w in _WORD.findall(part) if w not in _NON_INGREDIENT and not w.startswith("nda")]
-        if words and words[0] not in found:
-            found.append(words[0])
-    return found
 
 
 @dataclass
@@ -91,9 +68,11 @@ class DrugVocabulary:
 
     def add_description(self, description: str, ingredients: Iterable[str] | None = None) -> None:
         """Learn one RxNorm description: its ingredients and any bracketed brand name."""
-        ingredients = list(ingredients) if ingredients else ingredients_of(description)
+        ingredients = list(ingredients) if ingredients else parse_ingredients(description)
         for ingredient in ingredients:
             self.add(ingredient, (ingredient,))
+            if " " in ingredient:  # "penicillin v", "epoetin alfa": answers often name only the first word
+                self.add(ingredient.split()[0], (ingredient,))
         for brand in _BRACKET.findall(description):
             self.add(brand, ingredients)
 

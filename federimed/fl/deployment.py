@@ -1,8 +1,8 @@
 """Start, watch and stop Flower deployment processes (SuperLink, SuperNodes, `flwr run`).
 
 Every process starts in its own session (process group) with its output in a log file, and `stop()`
-signals the whole group: a SuperNode's or SuperLink's `flower-superexec` children outlive a SIGTERM to
-their parent otherwise. In Flower 1.42 a SuperLink serves the Fleet, Control and Runtime APIs on one
+signals the group and every descendant: a SuperNode's or SuperLink's `flower-superexec` children outlive
+a SIGTERM to their parent otherwise (the SuperLink even starts its superexec in a new session). In Flower 1.42 a SuperLink serves the Fleet, Control and Runtime APIs on one
 port (`--host/--port`); each SuperNode also opens its own Runtime API port for its ClientApp process.
 `FLWR_HOME` holds the `flwr` CLI's connections (`config.toml`) and installed apps, so point it at a
 private directory to keep runs isolated.
@@ -51,65 +51,79 @@ class FlowerProcess:
         return self.popen.wait(timeout)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left after `grace` seconds."""
-        group = self.popen.pid  # start_new_session: the group id is the leader's pid
-        if not _group_alive(group):
-            self.popen.poll()
-            return
-        _signal_group(group, signal.SIGTERM)
+        """SIGTERM this process, its group and every descendant (some start their own session, as the
+        SuperLink's `flower-superexec` does), then SIGKILL whatever is left after `grace` seconds."""
+        known = {self.popen.pid} | set(descendants(self.popen.pid))
+        for pid in known:
+            _signal(pid, signal.SIGTERM)
+        _signal_group(self.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while _group_alive(group) and time.monotonic() < deadline:
-            self.popen.poll()
+        while time.monotonic() < deadline:
+            self.popen.poll()  # reap our own child
+            fresh = {d for pid in known if _running(pid) for d in descendants(pid)} - known
+            for pid in fresh:
+                _signal(pid, signal.SIGTERM)
+            known |= fresh
+            if not any(_running(pid) for pid in known | set(group_members(self.popen.pid))):
+                return
             time.sleep(0.1)
-        if _group_alive(group):
-            _signal_group(group, signal.SIGKILL)
-            while _group_alive(group):
-                self.popen.poll()
-                time.sleep(0.05)
-        self.popen.poll()
+        for pid in known | set(group_members(self.popen.pid)):
+            _signal(pid, signal.SIGKILL)
+        self.popen.wait()
+
+    def processes(self) -> list[int]:
+        """Pids of this process and all its descendants that are still running."""
+        return [p for p in [self.popen.pid, *descendants(self.popen.pid)] if _running(p)]
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
     try:
         os.killpg(group, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def _group_alive(group: int) -> bool:
-    """Whether any process of the group still runs (zombies of our own child are reaped first)."""
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); empty if gone."""
     try:
-        os.waitpid(-group, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return any(_state(pid) not in ("Z", "X", "") for pid in group_members(group))
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def _table() -> dict[int, list[str]]:
+    return {int(e.name): f for e in Path("/proc").iterdir() if e.name.isdigit() and (f := _stat(int(e.name)))}
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of all live descendants of `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in _table().items():
+        children.setdefault(int(fields[1]), []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def group_members(group: int) -> list[int]:
-    """Pids of the processes in process group `group` (Linux /proc; empty elsewhere)."""
-    members = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == group:
-                members.append(int(entry.name))
-    return members
+    """Pids of the live processes in process group `group` (Linux /proc)."""
+    return [pid for pid, fields in _table().items() if int(fields[2]) == group and fields[0] not in ("Z", "X")]
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -163,8 +177,15 @@ def start(
 
 
 def start_superlink(*, port: int, flwr_home: Path, log: Path | None, host: str = LOOPBACK) -> FlowerProcess:
-    """Start an insecure SuperLink (Fleet, Control and Runtime APIs on `host:port`) and wait until it listens."""
-    argv = [flower_command("flower-superlink"), "--insecure", "--host", host, "--port", str(port)]
+    """Start an insecure SuperLink (Fleet, Control and Runtime APIs on `host:port`) and wait until it listens.
+
+    Runtime dependency installation is off: by default Flower 1.42 runs `uv sync` on the app's
+    pyproject for every ServerApp, which would reinstall torch & co. into a fresh environment.
+    """
+    argv = [
+        flower_command("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     process = start("superlink", argv, log=log, env=flower_env(flwr_home))
     wait_for_port(process, host if host != "0.0.0.0" else LOOPBACK, port)
     return process

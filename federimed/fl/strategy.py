@@ -64,6 +64,11 @@ class RoundLog:
         return data
 
 
+def _array_bytes(message: Message) -> int:
+    """Bytes of the arrays (the adapter) a message carries."""
+    return sum(record.count_bytes() for record in message.content.array_records.values())
+
+
 def hospital_name(reply: Message) -> str | None:
     """The hospital a reply names in its `hospital` ConfigRecord, if any."""
     if reply.has_error() or HOSPITAL_RECORD not in reply.content.config_records:
@@ -115,7 +120,7 @@ class AdapterFedAvg(FedAvg):
         messages = list(super().configure_train(number, arrays, config, grid))
         self.min_available_nodes = self.min_train_nodes  # only round 1 waits for every hospital
         self.rounds[number] = RoundLog(round=number)
-        self._sampled = {m.metadata.dst_node_id: m.content.count_bytes() for m in messages}
+        self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
         return messages
 
     def aggregate_train(
@@ -139,7 +144,7 @@ class AdapterFedAvg(FedAvg):
                 hospital=name,
                 node_id=node,
                 bytes_sent=self._sampled.get(node, 0),
-                bytes_received=sum(r.count_bytes() for r in reply.content.array_records.values()),
+                bytes_received=_array_bytes(reply),
                 train_loss=float(metrics["train_loss"]),
                 num_examples=int(metrics["num-examples"]),
                 tokens=int(metrics["tokens"]),

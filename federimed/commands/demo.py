@@ -1,0 +1,164 @@
+"""`federimed demo`: the whole story on one machine, each stage skipped when its outputs are up to date."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one demo profile."""
+
+    patients: int
+    rounds: int
+    local_steps: int
+    batch_size: int
+    seq_len: int
+
+
+PROFILES = {
+    "default": Profile(patients=40, rounds=3, local_steps=10, batch_size=8, seq_len=256),
+    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=192),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One demo step: a `federimed` command line, and the files whose content decides if it must rerun."""
+
+    name: str
+    args: list[str]
+    inputs: Sequence[Path] = ()
+    always: bool = False
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.args).encode())
+        for path in sorted(self.inputs):
+            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if file.is_file() and not file.name.startswith("."):
+                    digest.update(f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+
+def _run(stage: Stage, state_dir: Path) -> float | None:
+    """Run `stage` unless its stamp matches; return its wall time (None when skipped)."""
+    stamp = state_dir / f"{stage.name}.json"
+    fingerprint = stage.fingerprint()
+    if not stage.always and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fingerprint:
+        console.print(f"[dim]✓ {stage.name}: up to date, skipped[/]")
+        return None
+    console.rule(f"[bold]{stage.name}[/]  federimed {' '.join(stage.args)}")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "federimed.cli", *stage.args], check=False)
+    if result.returncode != 0:
+        console.print(f"[red]demo stopped: stage {stage.name!r} failed (exit {result.returncode})[/]")
+        raise typer.Exit(result.returncode)
+    stamp.write_text(json.dumps({"fingerprint": stage.fingerprint(), "finished": time.time()}))
+    return time.perf_counter() - started
+
+
+def _newest_federated_run(runs: Path) -> Path:
+    """The most recently created federated run under `runs`."""
+    federated = [p.parent for p in runs.glob("*/run.json") if json.loads(p.read_text())["mode"] == "federated"]
+    if not federated:
+        console.print(f"[red]demo stopped: no federated run under {runs}[/]")
+        raise typer.Exit(1)
+    return max(federated, key=lambda p: json.loads((p / "run.json").read_text())["created"])
+
+
+def _demo_login(state_dir: Path, users_db: Path) -> tuple[str, str]:
+    """The demo doctor's login, created once with a random password kept in the demo's state folder."""
+    from federimed.users import UserStore
+
+    login = state_dir / "login.json"
+    if login.is_file():
+        saved = json.loads(login.read_text())
+        return saved["user"], saved["password"]
+    user, password = "demo", secrets.token_urlsafe(9)
+    store = UserStore(users_db)
+    if any(u.name == user for u in store.list()):
+        store.remove(user)
+    store.add(user, password)
+    login.write_text(json.dumps({"user": user, "password": password}))
+    login.chmod(0o600)
+    return user, password
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes: a smoke run in a few minutes.")] = False,
+        workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ go.")] = Path("."),
+        port: Annotated[int, typer.Option(help="Port of the chat.")] = 8000,
+        chat: Annotated[bool, typer.Option(help="Start the chat at the end.")] = True,
+        seed: Annotated[int, typer.Option(help="Seed of the synthetic federation.")] = 7,
+    ) -> None:
+        """Run the whole story: synthesise 3 hospitals, ingest and audit them, build the guideline index,
+        train the baselines and the federated adapter, evaluate and report, then start the chat with a
+        printed demo login."""
+        profile = PROFILES["quick" if quick else "default"]
+        data, runs = workdir / "data", workdir / "runs"
+        synth_dir, hospitals_dir = data / "synthea", data / "hospitals"
+        state_dir = data / ".demo" / ("quick" if quick else "default")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        hospital_names = ("childrens", "general", "geriatric-cardiac")
+        stages = [
+            Stage("synthesise", ["synth", "--out", str(synth_dir), "--hospitals", "3", "--patients",
+                                 str(profile.patients), "--seed", str(seed), "--force"]),
+            Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir]),
+        ]
+        stages += [
+            Stage(f"audit {name}", ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
+                  [hospitals_dir / name], always=True)
+            for name in hospital_names
+        ]
+        train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
+                      "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
+                      "--seq-len", str(profile.seq_len)]
+        stages.append(Stage("guideline index", ["index", "--out", str(data / "guideline-index")], always=True))
+        # Baselines first, the federated run last: runs/latest then points at the federated model for the chat.
+        stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir]))
+        stages += [
+            Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
+                  [hospitals_dir])
+            for name in hospital_names
+        ]
+        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir]))
+        timings: dict[str, float | None] = {}
+        for stage in stages:
+            timings[stage.name] = _run(stage, state_dir)
+        federated = _newest_federated_run(runs)
+        evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
+                                          "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index")],
+                           [federated, hospitals_dir])
+        timings[evaluation.name] = _run(evaluation, state_dir)
+        table = Table(title="Demo stages")
+        table.add_column("stage")
+        table.add_column("wall time", justify="right")
+        for name, seconds in timings.items():
+            table.add_row(name, "skipped (up to date)" if seconds is None else f"{seconds:.0f} s")
+        console.print(table)
+        user, password = _demo_login(state_dir, data / "users.db")
+        console.print(f"Demo login: user [bold]{user}[/], password [bold]{password}[/]")
+        if chat:
+            console.print(f"Starting the chat on http://127.0.0.1:{port} (Ctrl+C to stop)")
+            subprocess.run(
+                [sys.executable, "-m", "federimed.cli", "chat", "--port", str(port), "--runs-dir", str(runs),
+                 "--index-dir", str(data / "guideline-index"), "--db", str(data / "users.db")],
+                check=False,
+            )

@@ -1,0 +1,100 @@
+"""`federimed evaluate` and `federimed report`: score models on held-out cases and show the comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _run_dir(run: str, runs_dir: Path):
+    from federimed.checkpoints import RunDir
+
+    path = Path(run) if Path(run).is_dir() else runs_dir / run
+    if run == "latest":
+        path = (runs_dir / "latest").resolve().parent
+    if not (path / "run.json").is_file():
+        err.print(f"[red]error:[/] {run!r} is not a training run (no run.json under {path})")
+        raise typer.Exit(1)
+    return RunDir(path)
+
+
+def evaluate(
+    run: Annotated[str, typer.Option("--run", help="The federated run to evaluate: an id under --runs-dir, a path, or latest.")] = "latest",
+    data: Annotated[Path, typer.Option("--data", help="Ingested data directory of the run's hospitals.")] = Path("data/hospitals"),
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.")] = Path("runs"),
+    retrieval: Annotated[str, typer.Option("--retrieval", help="on | off | both.")] = "both",
+    compare: Annotated[str, typer.Option("--compare", help="Models: any of base,local,federated,centralized.")] = "base,local,federated,centralized",
+    external: Annotated[Optional[Path], typer.Option("--external", help="An ingested hospital that took no part in training.")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index-dir", help="Guideline index [default: data/guideline-index].")] = None,
+    max_cases: Annotated[int, typer.Option("--max-cases", min=1, help="At most this many held-out cases per hospital.")] = 1000,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, help="Answer length.")] = 48,
+    rounds: Annotated[bool, typer.Option("--rounds/--no-rounds", help="Also score the global adapter after every round.")] = True,
+) -> None:
+    """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
+    ROUGE-L, held-out loss, with 95 % bootstrap CIs; writes RUN/eval/report.{md,json} and plots."""
+    from federimed.checkpoints import CheckpointError
+    from federimed.evaluation.compare import evaluate_contenders, f1_per_round, find_contenders, vocabulary
+    from federimed.evaluation.report import build_report, rich_table, write_report
+    from federimed.evaluation.runner import load_heldout
+
+    modes = {"on": [True], "off": [False], "both": [False, True]}
+    if retrieval not in modes:
+        raise typer.BadParameter("--retrieval must be on, off or both")
+    federated = _run_dir(run, runs_dir)
+    hospitals = sorted(federated.info()["hospitals"])
+    settings = federated.settings().model
+    try:
+        contenders, missing = find_contenders(federated, [k.strip() for k in compare.split(",") if k.strip()])
+        cases = [c for h in hospitals for c in load_heldout(data, [h])[:max_cases]]
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    for note in missing:
+        err.print(f"[yellow]not evaluated:[/] {note}")
+    vocab = vocabulary([data] + ([external.parent] if external else []))
+    options = dict(settings=settings, index_dir=index_dir, max_new_tokens=max_new_tokens)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("answering held-out cases", total=1)
+
+        def progress(label: str, done: int, total: int) -> None:
+            bar.update(task, description=f"answering held-out cases ({label})", completed=done, total=total)
+
+        scores = evaluate_contenders(contenders, cases, vocab, retrieval=modes[retrieval], progress=progress, **options)
+        external_scores = []
+        if external:
+            ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
+            external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
+        per_round = f1_per_round(federated, cases, vocab, settings, max_new_tokens=max_new_tokens) if rounds else []
+    report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, missing=missing)
+    path = write_report(report, federated.path / "eval")
+    console.print(rich_table(report))
+    console.print(f"[green]report:[/] {path}")
+
+
+def report(
+    run: Annotated[str, typer.Argument(help="Run id under --runs-dir, a path, or latest.")] = "latest",
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.")] = Path("runs"),
+) -> None:
+    """Print the comparison table of a run's evaluation report."""
+    from federimed.evaluation.report import rich_table
+
+    path = _run_dir(run, runs_dir).path / "eval" / "report.json"
+    if not path.is_file():
+        err.print(f"[red]error:[/] no evaluation report at {path}: run `federimed evaluate --run {run}` first")
+        raise typer.Exit(1)
+    console.print(rich_table(json.loads(path.read_text())))
+    console.print(f"Full report: {path.with_suffix('.md')}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(evaluate)
+    app.command()(report)

@@ -1,0 +1,146 @@
+"""Compare base, local-only, federated and centralized adapters on the same held-out cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from federimed.checkpoints import CheckpointError, RunDir, latest_round, round_metrics
+from federimed.config import ModelSettings
+from federimed.evaluation.drugs import DrugVocabulary
+from federimed.evaluation.runner import HeldoutCase, ModelScores, score_model
+
+KINDS = ("base", "local", "federated", "centralized")
+Progress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One model under evaluation: a label and its adapter (None: the bare base model)."""
+
+    label: str
+    kind: str
+    adapter: Path | None
+
+
+def find_contenders(federated: RunDir, kinds: Sequence[str]) -> tuple[list[Contender], list[str]]:
+    """The models to compare, found beside the federated run; and a note for each one that is missing."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown model kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
+    hospitals = set(federated.info()["hospitals"])
+    runs = sorted(
+        (RunDir(p.parent) for p in federated.runs_dir.glob("*/run.json")), key=lambda r: r.info()["created"],
+        reverse=True,
+    )
+    contenders, missing = [], []
+
+    def newest(mode: str, trained_on: set[str]) -> Path | None:
+        for run in runs:
+            info = run.info()
+            if info["mode"] == mode and set(info["hospitals"]) == trained_on and latest_round(run.path):
+                return latest_round(run.path)[1]
+        return None
+
+    for kind in kinds:
+        if kind == "base":
+            contenders.append(Contender("base", "base", None))
+        elif kind == "federated":
+            last = latest_round(federated.path)
+            if last is None:
+                raise CheckpointError(f"run {federated.id} has no saved round yet")
+            contenders.append(Contender("federated", "federated", last[1]))
+        elif kind == "centralized":
+            found = newest("centralized", hospitals)
+            if found:
+                contenders.append(Contender("centralized", kind, found))
+            else:
+                missing.append(f"centralized: no centralized run on {', '.join(sorted(hospitals))} in {federated.runs_dir}")
+        else:
+            for hospital in sorted(hospitals):
+                found = newest("local-only", {hospital})
+                if found:
+                    contenders.append(Contender(f"local:{hospital}", kind, found))
+                else:
+                    missing.append(f"local:{hospital}: no local-only run for {hospital} in {federated.runs_dir}")
+    return contenders, missing
+
+
+def retrieval_prompts(cases: Sequence[HeldoutCase], index_dir: Path | None, k: int = 3) -> list[list[dict[str, str]]]:
+    """Each case's prompt with its top-`k` guideline snippets, as the chat builds it."""
+    from federimed.assistant import build_prompt, retrieval_query
+    from federimed.retrieval import GuidelineIndex, ensure_default_index
+
+    index = GuidelineIndex.load(index_dir) if index_dir else ensure_default_index()
+    return [build_prompt(c.case_text, index.search(retrieval_query(c.case_text), k=k)) for c in cases]
+
+
+def heldout_loss(model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], seq_len: int = 256) -> float:
+    """Mean loss on the true answers (assistant tokens only) of the held-out dialogues."""
+    from federimed.training import encode_dialogues, evaluate_loss
+
+    dialogues = [{"messages": [*c.messages, {"role": "assistant", "content": c.reference}]} for c in cases]
+    loss, _ = evaluate_loss(model, encode_dialogues(tokenizer, dialogues, seq_len))
+    return loss
+
+
+def evaluate_contenders(
+    contenders: Sequence[Contender],
+    cases: Sequence[HeldoutCase],
+    vocab: DrugVocabulary,
+    *,
+    retrieval: Sequence[bool],
+    settings: ModelSettings,
+    index_dir: Path | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> list[ModelScores]:
+    """Every contender × retrieval setting on the same cases; held-out loss once per contender."""
+    from federimed.model import load_for_inference
+
+    with_snippets = retrieval_prompts(cases, index_dir) if True in retrieval else None
+    results = []
+    total = len(contenders) * len(retrieval) * len(cases)
+    done = 0
+    for contender in contenders:
+        model, tokenizer = load_for_inference(settings, contender.adapter)
+        loss = heldout_loss(model, tokenizer, cases)
+        for use_retrieval in retrieval:
+
+            def tick(n: int, label: str = contender.label) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(label, done, total)
+
+            scores = score_model(
+                contender.label, model, tokenizer, cases, vocab, prompts=with_snippets if use_retrieval else None,
+                retrieval=use_retrieval, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=tick,
+            )
+            scores.heldout_loss = loss
+            results.append(scores)
+        del model
+    return results
+
+
+def f1_per_round(
+    federated: RunDir, cases: Sequence[HeldoutCase], vocab: DrugVocabulary, settings: ModelSettings, **kwargs: Any
+) -> list[dict[str, float]]:
+    """Pooled drug F1 (no retrieval) of the global adapter after each federated round."""
+    from federimed.model import load_for_inference
+
+    rows = []
+    for metrics in round_metrics(federated.path):
+        n = int(metrics["round"])
+        model, tokenizer = load_for_inference(settings, federated.path / f"round-{n}")
+        scores = score_model(f"round-{n}", model, tokenizer, cases, vocab, **kwargs)
+        rows.append({"round": n, "drug_f1": scores.summary()["drug_f1"]["mean"]})
+    return rows
+
+
+def vocabulary(data_dirs: Sequence[Path]) -> DrugVocabulary:
+    """Drug vocabulary from every targets file of every hospital under `data_dirs`."""
+    return DrugVocabulary.from_targets(sorted(p for d in data_dirs for p in d.glob("*/targets.*.jsonl")))

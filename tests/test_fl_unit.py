@@ -1,0 +1,158 @@
+"""Flower plumbing without processes: what a hospital's reply carries, FedAvg weighting, drop-outs, config."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV, HospitalDataError, check_hospital, node_hospital
+from federimed.fl.settings import ServerOptions, run_settings, to_run_config
+from federimed.fl.strategy import HOSPITAL_RECORD, AdapterFedAvg
+from fl_support import make_hospital, tiny_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages take their run and node ids from the process's task identity, set by Flower's runtimes."""
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class Grid:
+    """The part of a Flower Grid the strategy's sampling uses."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def _reply(instruction: Message, name: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
+    metrics = {"train_loss": 1.0, "num-examples": examples, "tokens": 10, "seconds": 1.0, "bytes": 0}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+            HOSPITAL_RECORD: ConfigRecord({"name": name}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def test_fedavg_is_the_num_examples_weighted_mean_and_drops_are_recorded() -> None:
+    rng = np.random.default_rng(0)
+    strategy = AdapterFedAvg(hospitals=3, first_round=1)
+    global_arrays = ArrayRecord({"layer.lora_A.weight": Array(np.zeros((2, 3), np.float32))})
+    sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), Grid([11, 22, 33])))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 22, 33]
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    local = {node: {"layer.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32)} for node in (11, 22)}
+    replies = [
+        _reply(by_node[11], "alpha", local[11], examples=3),
+        _reply(by_node[22], "beta", local[22], examples=9),
+        Message(Error(code=0, reason="node unavailable"), reply_to=by_node[33]),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = (3 * local[11]["layer.lora_A.weight"] + 9 * local[22]["layer.lora_A.weight"]) / 12
+    np.testing.assert_allclose(arrays["layer.lora_A.weight"].numpy(), expected, rtol=1e-6)
+    entry = strategy.rounds[1]
+    assert set(entry.hospitals) == {"alpha", "beta"}
+    assert list(entry.dropped) == ["node 33"] and "node unavailable" in entry.dropped["node 33"]
+    assert entry.hospitals["beta"].bytes_sent == sent[0].content["arrays"].count_bytes()
+    assert entry.hospitals["beta"].bytes_received == replies[1].content["arrays"].count_bytes()
+
+    # Round 2 needs only min_hospitals: it does not wait for the lost node, and a hospital that answers
+    # nothing before the timeout is recorded by name as dropped.
+    sent = list(strategy.configure_train(2, arrays, ConfigRecord(), Grid([11, 22])))
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    strategy.aggregate_train(2, [_reply(by_node[11], "alpha", local[11], examples=3)])
+    assert strategy.rounds[2].dropped == {"beta": "no reply before the round timeout"}
+
+
+def test_first_round_waits_for_every_hospital_and_resumed_rounds_keep_their_numbers() -> None:
+    strategy = AdapterFedAvg(hospitals=3, min_hospitals=1, first_round=4)
+    arrays = ArrayRecord({"x.lora_B.weight": Array(np.ones(2, np.float32))})
+    assert strategy.min_available_nodes == 3
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), Grid([1, 2, 3])))
+    assert {m.content["config"]["server-round"] for m in messages} == {4}
+    assert strategy.min_available_nodes == 1 and 4 in strategy.rounds
+    late = list(strategy.configure_train(2, arrays, ConfigRecord(), Grid([1, 2, 3, 4])))
+    assert sorted(m.metadata.dst_node_id for m in late) == [1, 2, 3, 4]  # a late joiner is sampled
+
+
+@pytest.mark.slow
+def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path) -> None:
+    from federimed.fl import client_app
+    from federimed.fl.server_app import initial_adapter
+    from federimed.model import load_base
+
+    settings = tiny_settings(rounds=2, steps=1)
+    start = initial_adapter(settings)
+    hospital = make_hospital(tmp_path, "alpha", 6)
+    config = ConfigRecord({"settings": settings.model_dump_json(), "server-round": 1, "total-rounds": 2})
+    message = Message(RecordDict({"arrays": ArrayRecord(start), "config": config}), dst_node_id=5, message_type="train")
+    context = Context(run_id=1, node_id=5, node_config={"data-path": str(hospital)}, state=RecordDict(), run_config={})
+    reply = client_app.app(message, context)
+
+    arrays = reply.content["arrays"]
+    assert set(arrays) == set(start) and all("lora_" in key for key in arrays)
+    base_keys = set(load_base(settings.model)[0].state_dict())
+    assert not base_keys & {k.replace(".lora_A", "").replace(".lora_B", "") for k in arrays}
+    adapter_bytes = sum(t.numel() * t.element_size() for t in start.values())
+    assert adapter_bytes <= arrays.count_bytes() <= 1.05 * adapter_bytes
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 6 and metrics["bytes"] == arrays.count_bytes() and metrics["tokens"] > 0
+    assert reply.content[HOSPITAL_RECORD]["name"] == "alpha"
+    assert any(not np.array_equal(arrays[k].numpy(), start[k].numpy()) for k in start), "training changed nothing"
+
+
+def test_run_config_in_pyproject_covers_every_option_with_its_default() -> None:
+    app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(app_config) == set(ServerOptions().to_run_config())
+    assert ServerOptions.from_run_config(app_config) == ServerOptions()
+
+
+def test_run_config_round_trip_and_overrides() -> None:
+    settings = tiny_settings().model_copy(update={"rounds": 5})
+    settings.lora.target_modules = ["q_proj", "v_proj"]
+    assert run_settings(to_run_config(settings)) == settings
+    options = ServerOptions.from_run_config({"local-steps": 2, "hospitals": 4, "resume-run": "r1", "lora-r": 4})
+    assert (options.settings.train.local_steps, options.hospitals, options.resume_run) == (2, 4, "r1")
+    assert options.settings.lora.r == 4 and options.settings.train.batch_size == 8
+
+
+def test_node_hospital_from_node_config_or_simulation_environment(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    beta, alpha = make_hospital(data, "beta", 3), make_hospital(data, "alpha", 3)
+    assert node_hospital({"data-path": str(beta)}, environ={}) == beta.resolve()
+    environ = {DATA_DIR_ENV: str(data)}
+    assert node_hospital({"partition-id": 0}, environ) == alpha.resolve()  # sorted by name
+    assert node_hospital({"partition-id": 0}, environ | {HOSPITALS_ENV: "beta"}) == beta.resolve()
+    with pytest.raises(HospitalDataError, match="partition 2 has no hospital"):
+        node_hospital({"partition-id": 2}, environ)
+    with pytest.raises(HospitalDataError, match="data-path"):
+        node_hospital({"partition-id": 0}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "is empty"),
+        (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), "manifest.json, train.jsonl missing"),
+        (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{}"), (p / "train.jsonl").touch()), "no training"),
+    ],
+)
+def test_check_hospital_names_what_is_wrong(tmp_path: Path, setup, message: str) -> None:
+    path = tmp_path / "hospital"
+    setup(path)
+    with pytest.raises(HospitalDataError, match=message):
+        check_hospital(path)

@@ -1,0 +1,79 @@
+"""`federimed train`, `server` and `hospital join`: clear errors for bad input, and a tiny federated simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from federimed.cli import app
+from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV
+from fl_support import make_hospital
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "is empty"),
+        (lambda p: (p.mkdir(), (p / "patients.csv").write_text("Id\n")), "not an ingested hospital directory"),
+    ],
+)
+def test_hospital_join_refuses_a_directory_that_is_not_ingested(tmp_path: Path, setup, message: str) -> None:
+    data = tmp_path / "hospital-a"
+    setup(data)
+    result = _invoke("hospital", "join", "--superlink", "127.0.0.1:9092", "--data", str(data))
+    assert result.exit_code == 2
+    assert message in result.output and "hospital-a" in result.output
+
+
+def test_hospital_join_wants_host_and_port(tmp_path: Path) -> None:
+    data = make_hospital(tmp_path, "alpha", 2)
+    result = _invoke("hospital", "join", "--superlink", "localhost", "--data", str(data))
+    assert result.exit_code == 2 and "HOST:PORT" in result.output
+
+
+def test_train_reports_bad_requests(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    make_hospital(data, "alpha", 2)
+    cases = [
+        (["--data", str(tmp_path / "nowhere")], "does not exist"),
+        (["--data", str(data), "--hospitals", "alpha,omega"], "omega"),
+        (["--data", str(data), "--mode", "local"], "--mode local needs --hospital, one of: alpha"),
+        (["--data", str(data), "--mode", "swarm"], "--mode must be"),
+        (["--data", str(data), "--run-id", "r1"], "--resume"),
+        (["--data", str(data), "--resume", "--runs-dir", str(tmp_path / "runs")], "nothing to resume"),
+    ]
+    for args, message in cases:
+        result = _invoke("train", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+
+
+@pytest.mark.slow
+def test_train_federated_simulation_one_tiny_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (DATA_DIR_ENV, HOSPITALS_ENV):  # the command sets them for its virtual SuperNodes
+        monkeypatch.delenv(name, raising=False)
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    make_hospital(data, "alpha", 3)
+    make_hospital(data, "beta", 5)
+    make_hospital(data, "gamma", 4)
+    result = _invoke(
+        "train", "--data", str(data), "--runs-dir", str(runs), "--hospitals", "alpha,beta",
+        "--rounds", "1", "--local-steps", "1", "--batch-size", "2", "--seq-len", "128",
+    )
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["mode"] == "federated" and info["hospitals"] == {"alpha": 3, "beta": 5}
+    metrics = json.loads((run_dir / "round-1" / "metrics.json").read_text())
+    assert set(metrics["hospitals"]) == {"alpha", "beta"} and metrics["train_loss"] > 0
+    assert (run_dir / "round-1" / "adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
