@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import chainlit as cl
+from chainlit.data import get_data_layer
 from chainlit.input_widget import Select, Slider, Switch
 
 from federimed import chat_ui
-from federimed.assistant import Assistant, CaseError
+from federimed.assistant import Assistant, CaseError, Prepared
 from federimed.history import data_layer
 from federimed.users import UserStore
 
@@ -70,8 +71,10 @@ async def settings_update(settings: dict[str, Any]) -> None:
     cl.user_session.set("settings", settings)
 
 
-def _assistant(settings: dict[str, Any]) -> Assistant:
-    return chat_ui.assistant_for(settings["model"], SETTINGS)
+async def _title_thread(case_text: str) -> None:
+    """Name the chat after the de-identified case (Chainlit names it after the raw first message)."""
+    if layer := get_data_layer():
+        await layer.update_thread(cl.context.session.thread_id, name=chat_ui.thread_title(case_text))
 
 
 @cl.on_message
@@ -83,37 +86,43 @@ async def on_message(message: cl.Message) -> None:
         await cl.ErrorMessage(content=chat_ui.unsupported_upload(others)).send()
         return
     try:
-        assistant = await cl.make_async(_assistant)(settings)
+        assistant = await cl.make_async(chat_ui.assistant_for)(settings["model"], SETTINGS)
         async with cl.Step(name=chat_ui.CASE_STEP, type="tool") as case_step:
-            case = bundles[0] if bundles else message.content
-            prepared = await cl.make_async(assistant.prepare)(
-                case, retrieval=False
-            )  # de-identification first; retrieval is its own step
-            case_step.output = chat_ui.case_summary(prepared.case_text, from_bundle=bool(bundles))
-        if not bundles and prepared.case_text != message.content.strip():
-            message.content = prepared.case_text  # keep only the de-identified text in the history
-            await message.update()
-        if settings["retrieval"]:
-            async with cl.Step(name=chat_ui.RETRIEVAL_STEP, type="retrieval") as retrieval_step:
-                prepared = await cl.make_async(assistant.prepare)(prepared.case_text, retrieval=True)
-                retrieval_step.output = chat_ui.retrieval_summary(prepared.snippets)
+            case_text = await cl.make_async(assistant.case_text)(bundles[0] if bundles else message.content)
+            case_step.output = chat_ui.case_summary(case_text, from_bundle=bool(bundles))
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be used:** {exc}").send()
         return
+    if not bundles and case_text != message.content.strip():
+        message.content = case_text  # the history keeps only the de-identified text
+        await message.update()
+    try:
+        await _answer(assistant, case_text, settings)
+    finally:
+        await _title_thread(case_text)
 
-    answer = cl.Message(content="", author="FederiMed")
+
+async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]) -> None:
+    snippets = []
+    if settings["retrieval"]:
+        async with cl.Step(name=chat_ui.RETRIEVAL_STEP, type="retrieval") as retrieval_step:
+            snippets = await cl.make_async(assistant.retrieve)(case_text)
+            retrieval_step.output = chat_ui.retrieval_summary(snippets)
     if assistant.notice:
-        await cl.Message(content=f"_{assistant.notice}_", author="FederiMed").send()
+        await cl.Message(content=f"_{assistant.notice}_").send()
+    answer = cl.Message(content="")
     try:
         async for piece in assistant.astream(
-            prepared, temperature=float(settings["temperature"]), max_new_tokens=int(settings["max_tokens"])
+            Prepared.of(case_text, snippets),
+            temperature=float(settings["temperature"]),
+            max_new_tokens=int(settings["max_tokens"]),
         ):
             await answer.stream_token(piece)
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return
-    sources = chat_ui.source_elements(prepared.snippets)
-    answer.elements = [cl.Text(name=s.name, content=s.content, display="side") for s in sources]
+    sources = chat_ui.source_elements(snippets)
     answer.content = chat_ui.with_footer(answer.content, sources, assistant.version)
-    await answer.update() if answer.id and answer.streaming is False else await answer.send()
-    await chat_ui.name_thread(cl.context.session.thread_id, prepared.case_text)
+    await answer.send()  # ends the stream and stores the message
+    for source in sources:  # one by one, so that they stack in order in the side panel
+        await cl.Text(name=source.name, content=source.content, display="side").send(for_id=answer.id)

@@ -271,6 +271,11 @@ class Prepared:
     snippets: list[Snippet]
     messages: list[dict[str, str]]
 
+    @classmethod
+    def of(cls, case_text: str, snippets: list[Snippet]) -> Prepared:
+        """A de-identified case and its snippets, with the prompt built from them."""
+        return cls(case_text, snippets, build_prompt(case_text, snippets))
+
 
 @dataclass
 class Answer:
@@ -343,7 +348,7 @@ class Assistant:
         case_text = self.case_text(case)
         use_retrieval = self.retrieval if retrieval is None else retrieval
         snippets = self.retrieve(case_text, k) if use_retrieval else []
-        return Prepared(case_text, snippets, build_prompt(case_text, snippets))
+        return Prepared.of(case_text, snippets)
 
     def generate(
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -42,12 +42,12 @@ def hospital_names(data_dir: Path) -> list[str]:
     return names
 
 
-def load_split(data_dir: Path, hospital: str, split: str, tokenizer, seq_len: int) -> list[Example]:
-    """Tokenised `DATA/<hospital>/<split>.jsonl` (split: train or heldout)."""
+def load_split(data_dir: Path, hospital: str, split: str) -> list[dict]:
+    """The dialogues of `DATA/<hospital>/<split>.jsonl` (split: train or heldout)."""
     path = Path(data_dir) / hospital / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"hospital {hospital!r} has no {split} set: {path} is missing")
-    return encode_dialogues(tokenizer, load_dialogues(path), seq_len)
+    return load_dialogues(path)
 
 
 def train_centralized(
@@ -94,14 +94,16 @@ def _run(
     if total_steps % settings.rounds:
         raise ValueError(f"total_steps={total_steps} must split evenly into rounds={settings.rounds} checkpoints")
     chunk = total_steps // settings.rounds
+    train_dialogues = {h: load_split(data_dir, h, "train") for h in train_on}
+    heldout_dialogues = {h: load_split(data_dir, h, "heldout") for h in evaluate_on}
     model, tokenizer = load_base(settings.model)
     model = add_lora(model, settings.lora, seed=settings.train.seed)
     seq_len = settings.train.seq_len
-    train = {h: load_split(data_dir, h, "train", tokenizer, seq_len) for h in train_on}
+    train = {h: encode_dialogues(tokenizer, d, seq_len) for h, d in train_dialogues.items()}
     for hospital, examples in train.items():
         if not examples:
-            raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {data_dir / hospital}")
-    heldout = {h: load_split(data_dir, h, "heldout", tokenizer, seq_len) for h in evaluate_on}
+            raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {Path(data_dir) / hospital}")
+    heldout = {h: encode_dialogues(tokenizer, d, seq_len) for h, d in heldout_dialogues.items()}
     pooled = [e for examples in train.values() for e in examples]
     run = new_run(runs_dir, settings, mode, {h: len(e) for h, e in train.items()})
     log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)

@@ -12,7 +12,7 @@ from federimed.assistant import BASE, Assistant, ModelVersion, available_version
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
 
-CASE_STEP = "De-identified case"
+CASE_STEP = "De-identification"
 RETRIEVAL_STEP = "Guideline retrieval"
 BUNDLE_MIMES = {"application/json", "application/fhir+json"}
 DISCLAIMER = (
@@ -139,7 +139,7 @@ def source_elements(snippets: list[Snippet]) -> list[Source]:
         if len(heading) > _SOURCE_NAME_CHARS:
             heading = heading[: _SOURCE_NAME_CHARS - 1].rstrip() + "…"
         link = f"[{s.source}]({s.url})" if s.url else s.source
-        content = f"### {_heading(s)}\n\n{s.text.strip()}\n\n---\n{link} · licence: {s.licence} · similarity {s.score:.2f}"
+        content = f"### Source {n}: {_heading(s)}\n\n{s.text.strip()}\n\n---\n{link} · licence: {s.licence} · similarity {s.score:.2f}"
         sources.append(Source(name=f"Source {n}: {heading}", content=content))
     return sources
 

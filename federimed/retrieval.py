@@ -26,6 +26,7 @@ from ingest.guidelines import (
     CHUNK_SIZE,
     SPLITTER_VERSION,
     Chunk,
+    GuidelineDocumentError,
     SkippedDocument,
     corpus_files,
     load_documents,
@@ -153,16 +154,18 @@ def build_index(
     fingerprint = corpus_fingerprint(docs_dir)
     if not force:
         try:
-            existing = _verified_manifest(out_dir, missing_ok=True)
+            verified = _read_verified(out_dir, missing_ok=True)
         except IndexIntegrityError:
-            existing = None  # altered or foreign: replaced by a fresh build below
+            verified = None  # altered or foreign: replaced by a fresh build below
+        existing = verified[0] if verified else None
         if existing and existing["fingerprint"] == fingerprint:
             return IndexBuildResult(out_dir, existing["documents"], existing["chunks"],
                                     [SkippedDocument(**s) for s in existing["skipped"]], False, fingerprint)
     loaded = load_documents(docs_dir)
     chunks = split_documents(loaded.documents)
     if not chunks:
-        raise IndexIntegrityError(f"{docs_dir}: no readable guideline text to index")
+        raise GuidelineDocumentError(f"{docs_dir}: no readable guideline text to index "
+                                     f"({len(loaded.skipped)} files skipped)")
     index = None
     for start in range(0, len(chunks), _BATCH):
         vectors = embed([c.embedding_text for c in chunks[start:start + _BATCH]])
@@ -173,7 +176,7 @@ def build_index(
             on_progress(min(start + _BATCH, len(chunks)), len(chunks))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an interrupted build leaves no valid index
-    faiss.write_index(index, str(out_dir / INDEX_FILE))
+    (out_dir / INDEX_FILE).write_bytes(faiss.serialize_index(index).tobytes())
     (out_dir / CHUNKS_FILE).write_text(json.dumps([asdict(c) for c in chunks], ensure_ascii=False, indent=0))
     manifest = {
         "format": INDEX_FORMAT, "fingerprint": fingerprint, "embedding_model": model_version(),
@@ -198,11 +201,12 @@ class GuidelineIndex:
     def load(cls, index_dir: Path) -> GuidelineIndex:
         """Load an index that this installation built; raises IndexIntegrityError for anything else."""
         import faiss
+        import numpy as np
 
         index_dir = Path(index_dir)
-        manifest = _verified_manifest(index_dir, missing_ok=False)
-        index = faiss.read_index(str(index_dir / INDEX_FILE))
-        chunks = [Chunk(**c) for c in json.loads((index_dir / CHUNKS_FILE).read_text())]
+        manifest, files = _read_verified(index_dir, missing_ok=False)
+        index = faiss.deserialize_index(np.frombuffer(files[INDEX_FILE], dtype=np.uint8))
+        chunks = [Chunk(**c) for c in json.loads(files[CHUNKS_FILE])]
         if index.ntotal != len(chunks) or index.d != manifest["dimension"]:
             raise IndexIntegrityError(f"{index_dir}: index holds {index.ntotal} vectors for {len(chunks)} chunks")
         return cls(index, chunks, manifest)
@@ -228,7 +232,8 @@ def ensure_default_index() -> GuidelineIndex:
     return GuidelineIndex.load(default_index_dir())
 
 
-def _verified_manifest(index_dir: Path, *, missing_ok: bool) -> dict[str, Any] | None:
+def _read_verified(index_dir: Path, *, missing_ok: bool) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """The signed manifest and the bytes of the files it lists, each checked against its recorded sha256."""
     path = index_dir / MANIFEST_FILE
     if not path.is_file():
         if missing_ok:
@@ -243,14 +248,17 @@ def _verified_manifest(index_dir: Path, *, missing_ok: bool) -> dict[str, Any] |
     if not hmac.compare_digest(str(signature), _sign(manifest, create_key=False)):
         raise IndexIntegrityError(f"{path}: signature does not match this installation's key; the index was "
                                   "altered or built elsewhere. Rebuild it with `federimed index --force`")
-    for name, expected in manifest["files"].items():
-        if not (index_dir / name).is_file() or _sha256(index_dir / name) != expected:
-            raise IndexIntegrityError(f"{index_dir / name}: missing or altered since the index was built; "
-                                      "rebuild it with `federimed index --force`")
     if manifest["embedding_model"] != model_version():
         raise IndexIntegrityError(f"{index_dir}: built with {manifest['embedding_model']}, "
                                   f"this installation embeds with {model_version()}; rebuild it")
-    return manifest
+    files = {}
+    for name, expected in manifest["files"].items():
+        data = (index_dir / name).read_bytes() if (index_dir / name).is_file() else b""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise IndexIntegrityError(f"{index_dir / name}: missing or altered since the index was built; "
+                                      "rebuild it with `federimed index --force`")
+        files[name] = data
+    return manifest, files
 
 
 def _sign(manifest: dict[str, Any], *, create_key: bool = True) -> str:

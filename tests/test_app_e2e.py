@@ -150,7 +150,7 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     text = answer.inner_text()
     assert "Model: base model" in text and "synthetic" in text
     assert page.locator("[id='step-Guideline retrieval']").count() == 1
-    assert page.locator("[id='step-De-identified case']").count() == 1
+    assert page.locator("[id='step-De-identification']").count() == 1
     links = answer.locator(".element-link")
     assert links.count() >= 1, "the answer names at least one guideline source"
     assert re.search(r"Source 1: Hypertension", links.first.inner_text(), re.IGNORECASE)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from federimed.evaluation.drugs import DrugVocabulary
-from federimed.evaluation.metrics import bootstrap_ci, recall, rouge_l, set_scores
+from federimed.evaluation.metrics import Interval, bootstrap_ci, recall, rouge_l, set_scores
 
 
 @pytest.fixture
@@ -63,5 +62,6 @@ def test_bootstrap_ci_covers_mean_and_shrinks_with_n() -> None:
     assert small.low < 0.5 < small.high
     assert (large.high - large.low) < (small.high - small.low)
     assert bootstrap_ci([0.3, 0.3, 0.3]).low == pytest.approx(0.3)
-    assert bootstrap_ci([0.4]).n == 1 and math.isnan(bootstrap_ci([0.4]).low)
+    assert bootstrap_ci([0.4]) == Interval(0.4, None, None, 1)
+    assert bootstrap_ci([]) == Interval(None, None, None, 0)
     assert bootstrap_ci([0.1, 0.9], seed=3) == bootstrap_ci([0.1, 0.9], seed=3)

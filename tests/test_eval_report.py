@@ -66,9 +66,10 @@ def test_report_tables_plots_and_finite_numbers(tmp_path: Path, vocab: DrugVocab
     pooled = {m["model"]: m["pooled"]["drug_f1"]["mean"] for m in saved["models"]}
     assert pooled == {"base": 0.0, "federated": 1.0}
     assert set(saved["models"][0]["per_hospital"]) == {"childrens", "general", "geriatric"}
-    for m in saved["models"]:  # every interval over more than one case is finite
+    for m in saved["models"]:  # every interval over more than one case is finite; one case has no interval
         for summary in [m["pooled"], m["per_hospital"]["general"]]:
             assert all(math.isfinite(v) for k in ("drug_f1", "rouge_l") for v in summary[k].values())
+        assert m["per_hospital"]["childrens"]["drug_f1"]["low"] is None
     text = path.read_text()
     assert "| federated | 4 | 1.00" in text and "Federated drug F1 per round" in text
     assert (tmp_path / "eval" / "comparison.png").stat().st_size > 0

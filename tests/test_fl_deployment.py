@@ -121,9 +121,9 @@ def test_two_rounds_average_what_the_hospitals_sent(tmp_path: Path, federation: 
 
     settings = tiny_settings(rounds=2)
     federation.start(_hospitals(tmp_path))
+    run_dir = _finish(federation, federation.run(ServerOptions(settings=settings, hospitals=3, runs_dir=tmp_path / "runs")))
     snapshot = {name: node.processes() for name, node in federation.nodes.items()}
     assert all(len(pids) >= 2 for pids in snapshot.values()), snapshot  # each SuperNode runs a superexec child
-    run_dir = _finish(federation, federation.run(ServerOptions(settings=settings, hospitals=3, runs_dir=tmp_path / "runs")))
 
     states = {r: load_file(run_dir / f"round-{r}" / ADAPTER_WEIGHTS) for r in (1, 2)}
     assert states[1].keys() == states[2].keys() and all("lora_" in key for key in states[1])

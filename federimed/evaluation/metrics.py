@@ -45,21 +45,23 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @dataclass(frozen=True)
 class Interval:
-    mean: float
-    low: float
-    high: float
+    """A mean and its confidence bounds; None where undefined (no values, or one value for the bounds)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
     n: int
 
 
 def bootstrap_ci(values: Sequence[float], *, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Mean with a percentile-bootstrap confidence interval (NaN bounds for n < 2)."""
+    """Mean with a percentile-bootstrap confidence interval (no bounds for n < 2, no mean for n = 0)."""
     data = np.asarray([v for v in values if v is not None], dtype=float)
     n = len(data)
     if n == 0:
-        return Interval(float("nan"), float("nan"), float("nan"), 0)
+        return Interval(None, None, None, 0)
     mean = float(data.mean())
     if n < 2:
-        return Interval(mean, float("nan"), float("nan"), n)
+        return Interval(mean, None, None, n)
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
     alpha = (1 - level) / 2

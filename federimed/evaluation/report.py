@@ -60,9 +60,9 @@ def build_report(
 
 def _cell(summary: dict[str, Any], metric: str) -> str:
     ci = summary[metric]
-    if ci["n"] == 0:
+    if ci["mean"] is None:
         return "–"
-    if ci["low"] != ci["low"]:  # NaN: a single case
+    if ci["low"] is None:  # a single case: no interval
         return f"{ci['mean']:.2f}"
     return f"{ci['mean']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]"
 
@@ -101,7 +101,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     """Write report.json, report.md, comparison.png and (with round data) f1_per_round.png into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     _plot_comparison(report, out_dir / "comparison.png")
     if report["f1_per_round"]:
         _plot_rounds(report, out_dir / "f1_per_round.png")
@@ -153,10 +153,11 @@ def _plot_comparison(report: dict[str, Any], path: Path) -> None:
 
     models = report["models"]
     labels = [_label(m) for m in models]
-    means = [m["pooled"]["drug_f1"]["mean"] for m in models]
+    cis = [m["pooled"]["drug_f1"] for m in models]
+    means = [ci["mean"] or 0.0 for ci in cis]
     errors = [
-        [max(mean - m["pooled"]["drug_f1"]["low"], 0) if m["pooled"]["drug_f1"]["n"] > 1 else 0 for m, mean in zip(models, means)],
-        [max(m["pooled"]["drug_f1"]["high"] - mean, 0) if m["pooled"]["drug_f1"]["n"] > 1 else 0 for m, mean in zip(models, means)],
+        [mean - ci["low"] if ci["low"] is not None else 0 for ci, mean in zip(cis, means)],
+        [ci["high"] - mean if ci["high"] is not None else 0 for ci, mean in zip(cis, means)],
     ]
     colours = ["#9e9e9e" if m["model"] == "base" else "#1f77b4" if m["model"] == "federated" else
                "#2ca02c" if m["model"] == "centralized" else "#ff7f0e" for m in models]

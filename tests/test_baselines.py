@@ -1,0 +1,74 @@
+"""Centralized and local-only baselines: same loop, same step budget as a federated run, round checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dialogue_samples import dialogues, write_jsonl
+
+from federimed.baselines import budget_steps, hospital_names, train_centralized, train_local_only
+from federimed.checkpoints import list_versions, resume_state
+from federimed.config import LoraSettings, RunSettings, TrainSettings
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+SETTINGS = RunSettings(rounds=2, lora=LoraSettings(r=4), train=TrainSettings(local_steps=1, batch_size=2, seq_len=96))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Two hospitals with different case mix, plus a folder that is no hospital."""
+    root = tmp_path / "hospitals"
+    write_jsonl(root / "north" / "train.jsonl", dialogues(4, ["essential hypertension", "hyperlipidemia"]))
+    write_jsonl(root / "north" / "heldout.jsonl", dialogues(2, ["essential hypertension"], start=50))
+    write_jsonl(root / "south" / "train.jsonl", dialogues(6, ["type 2 diabetes mellitus"], start=10))
+    write_jsonl(root / "south" / "heldout.jsonl", dialogues(2, ["type 2 diabetes mellitus"], start=60))
+    (root / "notes").mkdir()
+    return root
+
+
+def test_budget_matches_a_federated_run():
+    settings = RunSettings(rounds=3, train=TrainSettings(local_steps=10))
+    assert budget_steps(settings, 4, "centralized") == 3 * 10 * 4
+    assert budget_steps(settings, 4, "local-only") == 3 * 10
+    with pytest.raises(ValueError, match="federated"):
+        budget_steps(settings, 4, "federated")
+
+
+def test_hospital_names_lists_folders_with_training_data(data_dir, tmp_path):
+    assert hospital_names(data_dir) == ["north", "south"]
+    with pytest.raises(FileNotFoundError, match="no hospital"):
+        hospital_names(tmp_path / "hospitals" / "notes")
+
+
+@pytest.mark.slow
+def test_centralized_pools_all_hospitals_and_checkpoints_each_round(data_dir, tmp_path):
+    run = train_centralized(data_dir, None, SETTINGS, tmp_path / "runs")
+    info = json.loads((run.path / "run.json").read_text())
+    assert (info["mode"], info["hospitals"], info["rounds_completed"]) == ("centralized", {"north": 4, "south": 6}, 2)
+    metrics = [json.loads((run.path / f"round-{n}" / "metrics.json").read_text()) for n in (1, 2)]
+    assert [m["steps"] for m in metrics] == [2, 4]  # 2 hospitals × 1 local step per round
+    assert [m["examples_seen"] for m in metrics] == [4, 4]
+    for m in metrics:
+        assert set(m["hospitals"]) == {"north", "south"}
+        tokens = [h["heldout_tokens"] for h in m["hospitals"].values()]
+        pooled = sum(h["heldout_loss"] * h["heldout_tokens"] for h in m["hospitals"].values()) / sum(tokens)
+        assert m["heldout_loss"] == pytest.approx(pooled) and m["heldout_tokens"] == sum(tokens)
+    assert resume_state(run.path)[0] == 2
+
+
+@pytest.mark.slow
+def test_local_only_trains_one_hospital_and_scores_every_hospital(data_dir, tmp_path):
+    run = train_local_only(data_dir, "south", SETTINGS, tmp_path / "runs")
+    latest = list_versions(tmp_path / "runs")[0]
+    assert (latest.mode, latest.hospitals, latest.examples, latest.round) == ("local-only", {"south": 6}, 6, 2)
+    assert latest.metrics["steps"] == 2 and set(latest.metrics["hospitals"]) == {"north", "south"}
+    assert (tmp_path / "runs" / "latest").resolve() == (run.path / "round-2").resolve()
+
+
+def test_budget_must_split_into_rounds_and_hospital_must_exist(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="split evenly"):
+        train_local_only(data_dir, "south", SETTINGS, tmp_path / "runs", total_steps=3)
+    with pytest.raises(FileNotFoundError, match="'east' has no train set"):
+        train_local_only(data_dir, "east", SETTINGS, tmp_path / "runs")

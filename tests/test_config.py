@@ -1,0 +1,45 @@
+"""Settings validation: defaults, clear errors, and the run.json round trip."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
+
+
+def test_defaults_describe_the_demo_setup():
+    settings = RunSettings()
+    assert settings.model == ModelSettings(base="smollm2-135m-instruct", device="auto", dtype="auto")
+    assert (settings.lora.r, settings.lora.alpha, settings.lora.target_modules) == (8, 16, "all-linear")
+    assert (settings.train.local_steps, settings.train.batch_size, settings.train.seq_len) == (10, 8, 256)
+    assert settings.rounds == 3
+    assert RunSettings.model_validate(settings.model_dump()) == settings
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "message"),
+    [
+        (lambda: ModelSettings(device="gpu"), "device", "not one of auto, cpu"),
+        (lambda: ModelSettings(dtype="fp8"), "dtype", "not one of auto, float32"),
+        (lambda: ModelSettings(base="  "), "base", "not empty"),
+        (lambda: LoraSettings(r=0), "r", "greater than or equal to 1"),
+        (lambda: LoraSettings(dropout=1.0), "dropout", "less than 1"),
+        (lambda: LoraSettings(target_modules=[]), "target_modules", "non-empty list"),
+        (lambda: TrainSettings(lr=0), "lr", "greater than 0"),
+        (lambda: TrainSettings(lr_min_ratio=1.5), "lr_min_ratio", "less than or equal to 1"),
+        (lambda: TrainSettings(seq_len=8), "seq_len", "greater than or equal to 32"),
+        (lambda: RunSettings(rounds=0), "rounds", "greater than or equal to 1"),
+        (lambda: TrainSettings(local_step=5), "local_step", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_are_named(build, field, message):
+    with pytest.raises(ValidationError, match=message) as caught:
+        build()
+    assert caught.value.errors()[0]["loc"][-1] == field
+
+
+def test_assignment_is_validated_too():
+    settings = TrainSettings()
+    with pytest.raises(ValidationError, match="batch_size"):
+        settings.batch_size = 0
