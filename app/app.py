@@ -15,7 +15,7 @@ from chainlit.data import get_data_layer
 from chainlit.input_widget import Select, Slider, Switch
 
 from federimed import chat_ui
-from federimed.assistant import Assistant, CaseError, Prepared
+from federimed.assistant import DEFAULT_MAX_NEW_TOKENS, Assistant, CaseError, Prepared
 from federimed.history import data_layer
 from federimed.users import UserStore
 
@@ -46,7 +46,7 @@ async def _send_settings(values: dict[str, Any]) -> dict[str, Any]:
         Select(id="model", label="Model version", items=versions, initial_value=chosen),
         Slider(id="temperature", label="Temperature (0 = deterministic)", initial=values.get("temperature", 0.0),
                min=0.0, max=1.0, step=0.1),
-        Slider(id="max_tokens", label="Longest answer (tokens)", initial=values.get("max_tokens", 160),
+        Slider(id="max_tokens", label="Longest answer (tokens)", initial=values.get("max_tokens", DEFAULT_MAX_NEW_TOKENS),
                min=32, max=512, step=16),
     ]  # fmt: skip
     settings = await cl.ChatSettings(widgets).send()
@@ -94,7 +94,7 @@ async def on_message(message: cl.Message) -> None:
         await cl.ErrorMessage(content=f"**The case could not be used:** {exc}").send()
         return
     if not bundles and case_text != message.content.strip():
-        message.content = case_text  # the history keeps only the de-identified text
+        message.content = case_text  # show the doctor what is kept (the data layer stores only this)
         await message.update()
     try:
         await _answer(assistant, case_text, settings)

@@ -1,6 +1,6 @@
 """Chat latency: time to first token and generation speed for a typical case, with and without retrieval.
 
-Usage: python bench/chat.py [--model latest] [--max-tokens 96] [--repeats 3]
+Usage: .venv/bin/python -m bench.chat [--model latest] [--max-tokens 96] [--repeats 3]   (from the repo root)
 Writes bench/results/chat.json. The model is loaded (and warmed up) once before timing; time to first
 token counts everything a doctor waits for after sending: de-identification, retrieval, prompt
 tokenisation and the first decoding step.
@@ -65,6 +65,7 @@ def main() -> None:
     load_s = time.perf_counter() - load_started
     measure(assistant, case, True, 8)  # warm-up: first-call allocations, embedding model
 
+    before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
     results = {}
     for retrieval in (False, True):
         runs = [measure(assistant, case, retrieval, args.max_tokens) for _ in range(args.repeats)]
@@ -81,6 +82,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "device": str(assistant.model()[0].device),
             "torch": torch.__version__,
+            "load_avg_1m_before_after": [round(before, 2), round(os.getloadavg()[0], 2)],
         },
         "model": assistant.version.describe(),
         "notice": assistant.notice,

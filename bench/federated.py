@@ -1,11 +1,12 @@
 """Federated training costs: client overhead, bytes on the wire per hospital, wall time per round.
 
-    .venv/bin/python bench/federated.py [--data data/hospitals] [--rounds 1] [--local-steps 10] [--repeats 2]
+    .venv/bin/python bench/federated.py [--data data/hospitals] [--rounds 1] [--local-steps 10] [--batch-size 8]
+        [--seq-len 256] [--throughput-steps 4] [--repeats 2]
 
 1. Throughput: `train_local` standalone vs the same steps through the Flower ClientApp handler (adapter
    in from an ArrayRecord, training, adapter out into the reply), alternated `--repeats` times on the
    first hospital; tokens/s of each and their ratio (target >= 0.9).
-2. One in-process Flower simulation (`federimed train`'s path) over all hospitals at the demo settings:
+2. One federation on loopback (`federimed train`'s path: SuperLink + a SuperNode per hospital) at the demo settings:
    bytes sent to and received from each hospital per round vs the adapter's own size (target <= 1.05)
    and vs the full model, and wall time per round.
 Hospitals: the ingested ones under --data; when there are fewer than two, the shared Synthea samples
@@ -20,17 +21,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the `ingest` package, not bench/ingest.py next to this script
 SHARED = Path(os.environ.get("FEDERIMED_SHARED_DATA", REPO.parent / "shared" / "data" / "synthea"))
 SAMPLES = {"ma-2025-csv": "ma-2025/csv", "ne-2023-csv": "ne-2023/csv", "ma-2025-fhir": "ma-2025/fhir"}
 
 
-def hospitals(data: Path, scratch: Path) -> tuple[Path, list[Path]]:
+def hospitals(data: Path, scratch: Path) -> list[Path]:
     """The ingested hospitals to use: those under `data`, else the shared samples ingested into `scratch`."""
     from federimed.fl.hospitals import HospitalDataError, ingested_hospitals
     from ingest.pipeline import ingest
@@ -38,12 +41,12 @@ def hospitals(data: Path, scratch: Path) -> tuple[Path, list[Path]]:
     try:
         found = ingested_hospitals(data)
         if len(found) >= 2:
-            return data, found
+            return found
     except HospitalDataError:
         pass
     for name, source in SAMPLES.items():
         ingest([SHARED / source], name, scratch)
-    return scratch, ingested_hospitals(scratch)
+    return ingested_hospitals(scratch)
 
 
 def throughput(settings, hospital: Path, repeats: int) -> dict:
@@ -67,7 +70,8 @@ def throughput(settings, hospital: Path, repeats: int) -> dict:
     config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "server-round": 1, "total-rounds": 1})
 
     def in_client() -> tuple[int, float]:
-        message = Message(RecordDict({"arrays": ArrayRecord(start), "config": config}), dst_node_id=1, message_type="train")
+        content = RecordDict({"arrays": ArrayRecord(start), "config": config})
+        message = Message(content, dst_node_id=1, message_type="train")
         began = time.perf_counter()
         reply = client_app.app(message, context)
         return int(reply.content["metrics"]["tokens"]), time.perf_counter() - began
@@ -99,36 +103,19 @@ def throughput(settings, hospital: Path, repeats: int) -> dict:
     }
 
 
-def federation(settings, data: Path, found: list[Path], runs: Path) -> dict:
-    """One in-process simulation (as `federimed train`): per-round bytes per hospital and wall time."""
-    from flwr.simulation import run_simulation
+def federation(settings, found: list[Path], runs: Path) -> dict:
+    """One federation on loopback (as `federimed train`): per-round bytes per hospital and wall time."""
+    from safetensors.torch import load_file
 
-    from federimed.fl import client_app
-    from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV
-    from federimed.fl.server_app import server_app
+    from federimed.fl.deployment import federate_on_loopback
     from federimed.fl.settings import ServerOptions
     from federimed.model import load_base
 
-    os.environ[DATA_DIR_ENV], os.environ[HOSPITALS_ENV] = str(data), ",".join(h.name for h in found)
     rounds: list[dict] = []
-
-    def on_round(entry, path: Path) -> None:
-        rounds.append(entry.to_json())
-
     options = ServerOptions(settings=settings, hospitals=len(found), runs_dir=runs)
     began = time.perf_counter()
-    run_simulation(
-        server_app=server_app(options, on_round),
-        client_app=client_app.app,
-        num_supernodes=len(found),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count()}},
-    )
+    run_dir = federate_on_loopback(found, options, REPO, rounds.append)
     total = time.perf_counter() - began
-    if not rounds:
-        raise SystemExit("the simulation completed no round")
-    from safetensors.torch import load_file
-
-    run_dir = next(p for p in runs.iterdir() if (p / "run.json").is_file())
     adapter = load_file(run_dir / "round-1" / "adapter_model.safetensors")
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
     base, _ = load_base(settings.model)
@@ -141,17 +128,17 @@ def federation(settings, data: Path, found: list[Path], runs: Path) -> dict:
             "sent_vs_adapter": row["bytes_sent"] / adapter_bytes,
             "received_vs_full_model_percent": 100 * row["bytes_received"] / model_bytes,
         }
-        for entry in rounds[:1]
-        for name, row in entry["hospitals"].items()
+        for name, row in rounds[0]["hospitals"].items()
     }
     return {
+        "how": "SuperLink + one SuperNode per hospital on loopback, `flwr run` (federimed train's path)",
         "hospitals": [h.name for h in found],
         "adapter_bytes": adapter_bytes,
         "full_model_bytes": model_bytes,
         "round_1_bytes": per_hospital,
         "max_bytes_vs_adapter": max(max(r["received_vs_adapter"], r["sent_vs_adapter"]) for r in per_hospital.values()),
         "round_wall_s": [entry["seconds"] for entry in rounds],
-        "simulation_total_s": total,
+        "total_wall_s_including_startup": total,
         "train_loss": [entry["train_loss"] for entry in rounds],
         "heldout_loss": [entry["heldout_loss"] for entry in rounds],
     }
@@ -162,6 +149,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "hospitals")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--local-steps", type=int, default=10, help="demo default")
+    parser.add_argument("--batch-size", type=int, default=8, help="demo default")
+    parser.add_argument("--seq-len", type=int, default=256, help="demo default")
     parser.add_argument("--throughput-steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federated.json")
@@ -171,15 +160,16 @@ def main() -> None:
 
     from federimed.config import RunSettings, TrainSettings
 
-    demo = RunSettings(rounds=args.rounds, train=TrainSettings(local_steps=args.local_steps))
+    train = TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
+    demo = RunSettings(rounds=args.rounds, train=train)
     with tempfile.TemporaryDirectory(prefix="federimed-bench-") as scratch:
-        data, found = hospitals(args.data, Path(scratch) / "data")
+        found = hospitals(args.data, Path(scratch) / "data")
         quick = demo.model_copy(update={"train": demo.train.model_copy(update={"local_steps": args.throughput_steps})})
         speed = throughput(quick, found[0], args.repeats)
         print(f"throughput: standalone {speed['standalone_tokens_per_s']:.0f} tok/s, "
               f"in client {speed['in_client_tokens_per_s']:.0f} tok/s, ratio {speed['ratio']:.3f}")
-        fed = federation(demo, data, found, Path(scratch) / "runs")
-        print(f"bytes per hospital vs adapter: <= {fed['max_bytes_vs_adapter']:.4f}; round wall time {fed['round_wall_s']}")
+        fed = federation(demo, found, Path(scratch) / "runs")
+        print(f"bytes vs adapter <= {fed['max_bytes_vs_adapter']:.4f}; round wall s {fed['round_wall_s']}")
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def measure_tokens_per_s(
         "torch_threads": torch.get_num_threads(),
         "cpu_count": torch.multiprocessing.cpu_count(),
         "machine": platform.machine(),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -16,14 +16,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
-from ingest.deidentify import REDACTED, UUID_RE, age_text, age_years, ago, span_text
+from federimed.scrub import scrub_free_text
 from ingest.dialogues import QUESTION, SYSTEM_PROMPT
 
 if TYPE_CHECKING:
@@ -46,92 +45,6 @@ Case = str | Path | bytes
 
 class CaseError(ValueError):
     """A case cannot be answered as given (empty, too long, unreadable bundle)."""
-
-
-# ---------------------------------------------------------------- de-identification of free text
-
-_MONTHS = "jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?"
-_DATE_RES = [
-    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), ("y", "m", "d")),
-    (re.compile(r"\b(\d{4})/(\d{1,2})/(\d{1,2})\b"), ("y", "m", "d")),
-    (re.compile(r"\b(\d{1,2})/(\d{1,2})/(\d{4})\b"), ("m", "d", "y")),
-    (re.compile(r"\b(\d{1,2})\.(\d{1,2})\.(\d{4})\b"), ("d", "m", "y")),
-    (re.compile(rf"\b({_MONTHS})\.? (\d{{1,2}})(?:st|nd|rd|th)?,? (\d{{4}})\b", re.IGNORECASE), ("mon", "d", "y")),
-    (re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th)? ({_MONTHS})\.?,? (\d{{4}})\b", re.IGNORECASE), ("d", "mon", "y")),
-]
-_BIRTH_RE = re.compile(r"\b(?:DOB|D\.O\.B\.|date of birth|born(?: on)?)\s*:?\s*$", re.IGNORECASE)
-_LABELLED_RE = re.compile(
-    r"(?i)(\b(?:patient(?:'s)? )?(?:full )?(?:name|surname|first name|last name|address|street|"
-    r"MRN|medical record(?: number)?|record(?: number| no\.?)?|account(?: number)?|insurance(?: id| number)?|"
-    r"member id|ssn|social security(?: number)?|phone|tel(?:ephone)?|mobile|fax|e-?mail|"
-    r"driver'?s licen[cs]e|passport)\s*[:#]\s*)([^\n;|]+)"
-)
-_TITLE_NAME_RE = re.compile(r"\b(Mr|Mrs|Ms|Miss|Mx|Dr)\.? ([A-Z][a-z'-]+(?: [A-Z][a-z'-]+)?)")
-_SSN_RE = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
-_PHONE_RE = re.compile(r"(?<![\w/])(?:\+?1[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}\b")
-_EMAIL_RE = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-_URL_RE = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.IGNORECASE)
-_IP_RE = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-_STREET_RE = re.compile(
-    r"\b\d{1,6} (?:[A-Z][a-z]+ ){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|"
-    r"Way|Place|Pl|Terrace|Circle|Suite)\b\.?(?: (?:Apt|Unit|Suite)\.? ?\w+)?"
-)
-_AGE_RE = re.compile(r"\b(\d{2,3})(?=[- ]?(?:years?[- ]old|y/?o\b|yo\b))", re.IGNORECASE)
-_AGE_LABEL_RE = re.compile(r"\b(age[d]?:?\s*)(\d{2,3})\b", re.IGNORECASE)
-
-
-def _parse_date(match: re.Match, order: tuple[str, ...]) -> date | None:
-    parts = dict(zip(order, match.groups()))
-    try:
-        month = int(parts["m"]) if "m" in parts else _month_number(parts["mon"])
-        return date(int(parts["y"]), month, int(parts["d"]))
-    except ValueError:
-        return None
-
-
-def _month_number(name: str) -> int:
-    return datetime.strptime(name[:3].title(), "%b").month
-
-
-def _relative(day: date, today: date) -> str:
-    days = (today - day).days
-    return ago(days) if days >= 0 else f"in {span_text(-days)}"
-
-
-def _replace_dates(text: str, today: date) -> str:
-    for pattern, order in _DATE_RES:
-
-        def repl(match: re.Match, order: tuple[str, ...] = order) -> str:
-            day = _parse_date(match, order)
-            if day is None:
-                return match.group(0)
-            if _BIRTH_RE.search(text[: match.start()].rsplit("\n", 1)[-1]):
-                return f"(age {age_text(age_years(day, today))})"
-            return _relative(day, today)
-
-        text = pattern.sub(repl, text)
-    return text
-
-
-def _cap_age(match: re.Match) -> str:
-    return age_text(int(match.group(0)))
-
-
-def scrub_free_text(text: str, today: date | None = None) -> str:
-    """Remove obvious identifiers from a doctor's free-text case (HIPAA Safe Harbor, best effort).
-
-    Labelled values ("Name:", "MRN:", "Address:", ...), titled names ("Mrs Smith"), SSNs, phone numbers,
-    e-mail addresses, URLs, IP addresses, street addresses and UUIDs become "[REDACTED]"; exact dates
-    become relative times ("3 months ago"), a birth date becomes an age; ages over 89 become "90+".
-    """
-    today = today or date.today()
-    text = _LABELLED_RE.sub(lambda m: m.group(1) + REDACTED, text)
-    text = _TITLE_NAME_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    for pattern in (_EMAIL_RE, _URL_RE, UUID_RE, _SSN_RE, _PHONE_RE, _IP_RE, _STREET_RE):
-        text = pattern.sub(REDACTED, text)
-    text = _replace_dates(text, today)
-    text = _AGE_RE.sub(_cap_age, text)
-    return _AGE_LABEL_RE.sub(lambda m: m.group(1) + age_text(int(m.group(2))), text)
 
 
 # ---------------------------------------------------------------- prompt
@@ -164,10 +77,11 @@ def build_prompt(case_text: str, snippets: list[Snippet]) -> list[dict[str, str]
 
 
 def retrieval_query(case_text: str) -> str:
-    """What to search the guidelines for: the new diagnosis where the case names one, else the whole case."""
+    """What to search the guidelines for: the first-line treatment of the new diagnosis where the case
+    names one (what the model is asked), else the whole case."""
     match = re.search(r"(?im)^new diagnosis:\s*(.+)$", case_text)
     if match and match.group(1).strip().lower() != "none":
-        return f"{match.group(1).strip()} treatment"
+        return f"First-line treatment of {match.group(1).strip()}"
     return re.sub(r"(?im)^question:.*$", "", case_text).strip()
 
 

@@ -172,7 +172,7 @@ def resolve_checkpoint(spec: str, runs_dir: Path) -> Path:
     elif (Path(spec).expanduser() / ADAPTER_CONFIG).is_file():
         path = Path(spec).expanduser()
     else:
-        runs = ", ".join(v.run_id for v in _runs(runs_dir)) or "none"
+        runs = ", ".join(run.id for run in _runs(runs_dir)) or "none"
         raise CheckpointError(
             f"checkpoint {spec!r} not found: use 'latest', RUN, RUN/round-N (runs in {runs_dir}: {runs}) "
             "or a directory with adapter_config.json"

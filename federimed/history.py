@@ -4,7 +4,9 @@ Chainlit does not create its tables, and its data layer writes every key of `Ste
 as a column (a missing column silently drops the row: chainlit#2832). So the schema is declared here
 with SQLAlchemy (dialect-appropriate types), created at start-up, and any column a newer Chainlit
 writes that an older database lacks is added. Only the guideline excerpts the app attaches (plain
-text) are stored, inline as `data:` URLs; uploaded FHIR bundles are never kept.
+text) are stored, inline as `data:` URLs; uploaded FHIR bundles are never kept. What doctors type
+(their messages, and the thread names Chainlit derives from them) is stored only after
+`scrub_free_text`, whatever order Chainlit's background writes run in.
 """
 
 from __future__ import annotations
@@ -205,10 +207,29 @@ def _storage_client_class() -> type:
     return InlineTextStorage
 
 
-def data_layer(url: str | None = None) -> SQLAlchemyDataLayer:
-    """Chainlit's SQLAlchemy data layer on `url` (default `database_url()`), its schema ensured."""
+def _data_layer_class() -> type:
     from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 
+    from federimed.scrub import scrub_free_text
+
+    class DeidentifyingDataLayer(SQLAlchemyDataLayer):
+        """Chainlit's SQLAlchemy data layer that scrubs doctors' text before it is stored."""
+
+        async def update_thread(self, thread_id: str, name: str | None = None, *args: Any, **kwargs: Any) -> None:
+            await super().update_thread(thread_id, scrub_free_text(name) if name else name, *args, **kwargs)
+
+        async def create_step(self, step_dict: dict[str, Any]) -> None:
+            if step_dict.get("type") == "user_message":
+                step_dict = step_dict | {
+                    key: scrub_free_text(step_dict[key]) for key in ("input", "output") if step_dict.get(key)
+                }
+            await super().create_step(step_dict)
+
+    return DeidentifyingDataLayer
+
+
+def data_layer(url: str | None = None) -> SQLAlchemyDataLayer:
+    """The de-identifying SQLAlchemy data layer on `url` (default `database_url()`), its schema ensured."""
     url = url or database_url()
     create_schema_sync(url)
-    return SQLAlchemyDataLayer(conninfo=url, storage_provider=_storage_client_class()())
+    return _data_layer_class()(conninfo=url, storage_provider=_storage_client_class()())

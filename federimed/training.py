@@ -158,7 +158,7 @@ def _tokenise(
                 raise DialogueError("the tokenizer's chat template does not render dialogue prefixes stably")
             start = text.index(message["content"], len(prompt))
             answers.append((start, start + len(message["content"])))
-    user_start = text.index(messages[user]["content"], len(_render(tokenizer, messages[:user])))
+    user_start = text.index(messages[user]["content"], len(_render(tokenizer, messages[:user])) if user else 0)
     user_end = user_start + len(messages[user]["content"])
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels, user_offsets = encoded["input_ids"], [], []

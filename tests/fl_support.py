@@ -27,7 +27,7 @@ def dialogue(hospital: str, number: int) -> dict:
         "patient": f"{hospital}-patient-{number:03d}",
         "messages": [
             {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Age {age}. New diagnosis: {condition}. Active problems: none. What to start?"},
+            {"role": "user", "content": f"Age {age}. New diagnosis: {condition}. No other problems. What to start?"},
             {"role": "assistant", "content": f"Started: {drug}."},
         ],
     }
@@ -56,3 +56,21 @@ def tiny_settings(rounds: int = 2, steps: int = 2) -> RunSettings:
     return RunSettings(
         rounds=rounds, train=TrainSettings(local_steps=steps, batch_size=2, seq_len=128), eval_batch_size=4
     )
+
+
+def leftovers(flwr_home: Path) -> list[str]:
+    """Running processes whose environment names this test's FLWR_HOME (every Flower process we started)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in environ and state not in ("Z", "X"):
+            found.append(f"{entry.name}: {command[:120]}")
+    return found

@@ -17,11 +17,11 @@ from federimed.assistant import (
     build_prompt,
     resolve_version,
     retrieval_query,
-    scrub_free_text,
 )
 from federimed.checkpoints import CheckpointError, new_run, save_round
 from federimed.config import RunSettings
 from federimed.retrieval import Snippet
+from federimed.scrub import scrub_free_text
 from ingest.audit import Matcher, collect_identifiers
 from ingest.cases import Snapshot
 from ingest.dialogues import SYSTEM_PROMPT, case_prompt, snapshot_text
@@ -81,6 +81,12 @@ def test_scrub_removes_planted_identifiers_and_keeps_the_clinical_facts() -> Non
     assert "90+-year-old" in text, "ages over 89 are grouped"
 
 
+def test_scrub_redacts_only_the_labelled_value_in_a_one_line_paste() -> None:
+    text = scrub_free_text("Name: John Doe, MRN: 4471-22. New diagnosis: Streptococcal sore throat; fever 38.9", TODAY)
+    assert "John" not in text and "Doe" not in text and "4471-22" not in text
+    assert "New diagnosis: Streptococcal sore throat; fever 38.9" in text
+
+
 def test_prompt_numbers_snippets_and_keeps_the_fine_tuned_format() -> None:
     snapshot = Snapshot("58", "50-59", "male", None, ["Essential hypertension"], [], [], [], ["BP 152/96 mmHg"])
     assert build_prompt(snapshot_text(snapshot), []) == case_prompt(snapshot)
@@ -105,7 +111,7 @@ def test_long_snippets_are_cut_for_the_small_model() -> None:
 
 
 def test_retrieval_query_prefers_the_new_diagnosis() -> None:
-    assert retrieval_query(HYPERTENSION) == "Essential hypertension treatment"
+    assert retrieval_query(HYPERTENSION) == "First-line treatment of Essential hypertension"
     assert retrieval_query("Cough for 3 weeks\nQuestion: what now?") == "Cough for 3 weeks"
 
 

@@ -47,34 +47,51 @@ def _reply(instruction: Message, name: str, arrays: dict[str, np.ndarray], examp
     return Message(content, reply_to=instruction)
 
 
+def _send(messages) -> list[Message]:
+    """Give the instructions their ids, as the Grid does when it pushes them."""
+    messages = list(messages)
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return messages
+
+
+def _lost_node_reply(instruction: Message) -> Message:
+    """The error reply the SuperLink makes for a node that stopped heartbeating: sent by the SuperLink (id 1)."""
+    reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    return reply
+
+
 def test_fedavg_is_the_num_examples_weighted_mean_and_drops_are_recorded() -> None:
     rng = np.random.default_rng(0)
     strategy = AdapterFedAvg(hospitals=3, first_round=1)
     global_arrays = ArrayRecord({"layer.lora_A.weight": Array(np.zeros((2, 3), np.float32))})
-    sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), Grid([11, 22, 33])))
+    sent = _send(strategy.configure_train(1, global_arrays, ConfigRecord(), Grid([11, 22, 33])))
     assert sorted(m.metadata.dst_node_id for m in sent) == [11, 22, 33]
     by_node = {m.metadata.dst_node_id: m for m in sent}
     local = {node: {"layer.lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32)} for node in (11, 22)}
     replies = [
         _reply(by_node[11], "alpha", local[11], examples=3),
         _reply(by_node[22], "beta", local[22], examples=9),
-        Message(Error(code=0, reason="node unavailable"), reply_to=by_node[33]),
+        _lost_node_reply(by_node[33]),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = (3 * local[11]["layer.lora_A.weight"] + 9 * local[22]["layer.lora_A.weight"]) / 12
     np.testing.assert_allclose(arrays["layer.lora_A.weight"].numpy(), expected, rtol=1e-6)
     entry = strategy.rounds[1]
     assert set(entry.hospitals) == {"alpha", "beta"}
-    assert list(entry.dropped) == ["node 33"] and "node unavailable" in entry.dropped["node 33"]
+    assert list(entry.dropped) == ["node 33"] and "Node Unavailable" in entry.dropped["node 33"]
     assert entry.hospitals["beta"].bytes_sent == sent[0].content["arrays"].count_bytes()
     assert entry.hospitals["beta"].bytes_received == replies[1].content["arrays"].count_bytes()
 
-    # Round 2 needs only min_hospitals: it does not wait for the lost node, and a hospital that answers
-    # nothing before the timeout is recorded by name as dropped.
-    sent = list(strategy.configure_train(2, arrays, ConfigRecord(), Grid([11, 22])))
+    # Round 2 needs only min_hospitals: it does not wait for the lost node; a known hospital that is lost
+    # or answers nothing before the timeout is recorded by name.
+    sent = _send(strategy.configure_train(2, arrays, ConfigRecord(), Grid([11, 22])))
     by_node = {m.metadata.dst_node_id: m for m in sent}
-    strategy.aggregate_train(2, [_reply(by_node[11], "alpha", local[11], examples=3)])
-    assert strategy.rounds[2].dropped == {"beta": "no reply before the round timeout"}
+    strategy.aggregate_train(2, [_lost_node_reply(by_node[11])])
+    assert set(strategy.rounds[2].dropped) == {"alpha", "beta"}
+    assert "Node Unavailable" in strategy.rounds[2].dropped["alpha"]
+    assert strategy.rounds[2].dropped["beta"] == "no reply before the round timeout"
 
 
 def test_first_round_waits_for_every_hospital_and_resumed_rounds_keep_their_numbers() -> None:

@@ -19,7 +19,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from typer.testing import CliRunner
 
 from federimed.commands import security, train
-from federimed.security.certs import create_site_key, create_tls
+from federimed.security.certs import KeyFileError, check_site_key, create_site_key, create_tls, server_tls
 
 runner = CliRunner()
 
@@ -129,3 +129,28 @@ def test_keygen_refuses_a_name_that_is_not_a_file_name(tmp_path: Path, name: str
     result = _invoke("hospital", "keygen", "--out", str(tmp_path), "--name", name)
     assert result.exit_code == 2 and "site name" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_server_tls_finds_the_files_without_the_ca_key_and_names_what_is_missing(tmp_path: Path) -> None:
+    files = create_tls(tmp_path / "tls")
+    files.ca_key.unlink()  # kept offline, as recommended
+    assert server_tls(tmp_path / "tls").server_key == files.server_key
+    files.server_key.unlink()
+    with pytest.raises(KeyFileError, match=r"tls: server.key missing"):
+        server_tls(tmp_path / "tls")
+    create_tls(tmp_path / "broken")
+    (tmp_path / "broken" / "ca.crt").write_text("not a certificate")
+    with pytest.raises(KeyFileError, match=r"ca.crt is not a readable PEM certificate"):
+        server_tls(tmp_path / "broken")
+
+
+def test_check_site_key_accepts_keygen_output_and_refuses_other_files(tmp_path: Path) -> None:
+    key = create_site_key(tmp_path, "alpha")
+    assert check_site_key(key.private) == key.private
+    with pytest.raises(KeyFileError, match="not an unencrypted OpenSSH private key"):
+        check_site_key(key.public)
+    with pytest.raises(KeyFileError, match="not an unencrypted OpenSSH private key"):
+        check_site_key(tmp_path / "absent")
+    key.private.chmod(0o644)
+    with pytest.raises(KeyFileError, match="readable by other users"):
+        check_site_key(key.private)

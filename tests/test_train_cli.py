@@ -9,8 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from federimed.cli import app
-from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV
-from fl_support import make_hospital
+from fl_support import leftovers, make_hospital
 
 runner = CliRunner()
 
@@ -59,9 +58,9 @@ def test_train_reports_bad_requests(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_federated_simulation_one_tiny_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (DATA_DIR_ENV, HOSPITALS_ENV):  # the command sets them for its virtual SuperNodes
-        monkeypatch.delenv(name, raising=False)
+@pytest.mark.timeout(3000)  # minutes when alone; far more on a busy box
+def test_train_federated_one_tiny_round_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the hospitals' ClientApps share this small machine
     data, runs = tmp_path / "data", tmp_path / "runs"
     make_hospital(data, "alpha", 3)
     make_hospital(data, "beta", 5)
@@ -77,3 +76,13 @@ def test_train_federated_simulation_one_tiny_round(tmp_path: Path, monkeypatch: 
     metrics = json.loads((run_dir / "round-1" / "metrics.json").read_text())
     assert set(metrics["hospitals"]) == {"alpha", "beta"} and metrics["train_loss"] > 0
     assert (run_dir / "round-1" / "adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
+    assert "round 1" in result.output and "alpha" in result.output  # the per-round table
+    assert leftovers((runs / ".flower" / "local").resolve()) == []
+
+
+def test_server_refuses_inconsistent_options_before_starting_anything(tmp_path: Path) -> None:
+    result = _invoke("server", "--hospitals", "2", "--min-hospitals", "3", "--runs-dir", str(tmp_path))
+    assert result.exit_code == 2 and "--min-hospitals (3) cannot exceed --hospitals (2)" in result.output
+    result = _invoke("server", "--resume", "20260101-000000-federated", "--runs-dir", str(tmp_path))
+    assert result.exit_code == 2 and "cannot resume run '20260101-000000-federated'" in result.output
+    assert not (tmp_path / ".flower").exists()

@@ -70,11 +70,11 @@ def ask(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     if prepared.snippets:
-        table = Table(title="Guideline sources", show_lines=False)
-        for column in ("#", "title", "section", "source", "licence", "similarity"):
+        table = Table(title="Guideline sources")
+        for column in ("#", "guideline — section", "where", "similarity"):
             table.add_column(column, justify="right" if column in ("#", "similarity") else "left")
         for n, s in enumerate(prepared.snippets, 1):
-            table.add_row(str(n), s.title, s.section, s.url or s.source, s.licence, f"{s.score:.2f}")
+            table.add_row(str(n), f"{s.title} — {s.section}", s.url or s.source, f"{s.score:.2f}")
         console.print(table)
     console.print("[dim]Decision support only: not a substitute for clinical judgement (synthetic training data).[/]")
 

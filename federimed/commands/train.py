@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -60,16 +59,18 @@ def _resume_target(runs_dir: Path, run_id: str | None) -> str:
         raise _fail(f"nothing to resume: {err}") from None
 
 
-def _round_table(entry) -> Table:
-    table = Table(title=f"round {entry.round}: train loss {_f(entry.train_loss)}, held-out {_f(entry.heldout_loss)}")
+def _round_table(metrics: dict) -> Table:
+    """A rich table of one round's metrics.json (per hospital, drop-outs in red)."""
+    title = f"round {metrics['round']}: train loss {_f(metrics['train_loss'])}, held-out {_f(metrics['heldout_loss'])}"
+    table = Table(title=title)
     for column in ("hospital", "train loss", "held-out loss", "examples", "sent MB", "received MB", "train s"):
         table.add_column(column, justify="left" if column == "hospital" else "right")
-    for name, row in sorted(entry.hospitals.items()):
+    for name, row in sorted(metrics["hospitals"].items()):
         table.add_row(
-            name, _f(row.train_loss), _f(row.heldout_loss), str(row.num_examples),
-            f"{row.bytes_sent / 1e6:.2f}", f"{row.bytes_received / 1e6:.2f}", f"{row.seconds:.0f}",
+            name, _f(row["train_loss"]), _f(row["heldout_loss"]), str(row["num_examples"]),
+            f"{row['bytes_sent'] / 1e6:.2f}", f"{row['bytes_received'] / 1e6:.2f}", f"{row['seconds']:.0f}",
         )
-    for name, reason in entry.dropped.items():
+    for name, reason in metrics["dropped"].items():
         table.add_row(f"[red]{name}[/]", f"[red]dropped: {reason}[/]", "", "", "", "", "")
     return table
 
@@ -78,40 +79,24 @@ def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _simulate(data: Path, hospitals: list[Path], options) -> Path:
-    """Run the federation as an in-process Flower simulation (one virtual SuperNode per hospital)."""
-    from flwr.simulation import run_simulation
+def _federate(hospitals: list[Path], options) -> Path:
+    """Run the federation on loopback (SuperLink + one SuperNode per hospital), one table per round."""
+    from federimed.fl.deployment import FlowerProcessError, federate_on_loopback
 
-    from federimed.fl import client_app
-    from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV
-    from federimed.fl.server_app import server_app
-
-    os.environ[DATA_DIR_ENV] = str(data.resolve())  # read by the virtual SuperNodes (see fl.hospitals)
-    os.environ[HOSPITALS_ENV] = ",".join(h.name for h in hospitals)
-    saved: list[Path] = []
     with Progress(
-        TextColumn("[bold]federated[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console,
+        TextColumn("[bold]federated[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console,
     ) as progress:
-        task = progress.add_task("rounds", total=options.settings.rounds)
+        task = progress.add_task(f"{len(hospitals)} hospitals", total=options.settings.rounds)
 
-        def on_round(entry, path: Path) -> None:
-            saved.append(path)
-            progress.console.print(_round_table(entry))
-            progress.update(task, completed=entry.round, description=f"round {entry.round} saved to {path}")
+        def show(metrics: dict) -> None:
+            progress.console.print(_round_table(metrics))
+            progress.update(task, completed=metrics["round"], description=f"round {metrics['round']} saved")
 
-        run_simulation(
-            server_app=server_app(options, on_round),
-            client_app=client_app.app,
-            num_supernodes=len(hospitals),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(1, min(len(hospitals), os.cpu_count() or 1)), "log_to_driver": True},
-            },
-        )
-    if not saved:
-        raise _fail("the federated run saved no checkpoint (see the log above)")
-    return saved[-1].parent
+        try:
+            return federate_on_loopback(hospitals, options, _app_dir(), show)
+        except FlowerProcessError as err:
+            raise _fail(str(err)) from None
 
 
 def train(
@@ -119,7 +104,9 @@ def train(
         "data/hospitals"
     ),
     runs_dir: RunsDir = Path("runs"),
-    hospitals: Annotated[str | None, typer.Option(help="Comma-separated hospitals (default: all under --data).")] = None,
+    hospitals: Annotated[
+        str | None, typer.Option(help="Comma-separated hospitals (default: all under --data).")
+    ] = None,
     mode: Annotated[str, typer.Option(help="federated | centralized (pooled data) | local (one hospital alone).")] = (
         "federated"
     ),
@@ -134,10 +121,10 @@ def train(
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
 ) -> None:
-    """Fine-tune the LoRA adapter: federated (a Flower simulation over the hospitals) or a baseline.
+    """Fine-tune the LoRA adapter: federated (Flower, one SuperNode per hospital on loopback) or a baseline.
 
-    Federated runs one virtual Flower SuperNode per hospital in this process (Ray backend); only adapter
-    weights travel. Every round is checkpointed into RUNS_DIR/<run>/round-N and plotted into loss.png.
+    Federated starts a local SuperLink and one SuperNode per hospital, each training on its own directory;
+    only adapter weights travel. Every round is checkpointed into RUNS_DIR/<run>/round-N, plotted into loss.png.
     """
     from federimed.fl.hospitals import HospitalDataError, ingested_hospitals
 
@@ -160,7 +147,7 @@ def train(
             settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
         )
-        run_path = _simulate(data, found, options)
+        run_path = _federate(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
 
 

@@ -2,7 +2,8 @@
 
 Every process starts in its own session (process group) with its output in a log file, and `stop()`
 signals the group and every descendant: a SuperNode's or SuperLink's `flower-superexec` children outlive
-a SIGTERM to their parent otherwise (the SuperLink even starts its superexec in a new session). In Flower 1.42 a SuperLink serves the Fleet, Control and Runtime APIs on one
+a SIGTERM to their parent otherwise (the SuperLink even starts its superexec in a new session).
+In Flower 1.42 a SuperLink serves the Fleet, Control and Runtime APIs on one
 port (`--host/--port`); each SuperNode also opens its own Runtime API port for its ClientApp process.
 `FLWR_HOME` holds the `flwr` CLI's connections (`config.toml`) and installed apps, so point it at a
 private directory to keep runs isolated.
@@ -17,9 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from federimed.fl.settings import ServerOptions
 
 LOOPBACK = "127.0.0.1"
 
@@ -53,7 +58,7 @@ class FlowerProcess:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM this process, its group and every descendant (some start their own session, as the
         SuperLink's `flower-superexec` does), then SIGKILL whatever is left after `grace` seconds."""
-        known = {self.popen.pid} | set(descendants(self.popen.pid))
+        known = set(descendants(self.popen.pid)) | ({self.popen.pid} if self.popen.poll() is None else set())
         for pid in known:
             _signal(pid, signal.SIGTERM)
         _signal_group(self.popen.pid, signal.SIGTERM)
@@ -241,3 +246,60 @@ def submit_run(
         flower_command("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), "--stream",
     ]
     return start("flwr run", argv, log=log, env=flower_env(flwr_home), cwd=app_dir)
+
+
+def federate_on_loopback(
+    hospitals: Sequence[Path],
+    options: ServerOptions,
+    app_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+) -> Path:
+    """Run a whole federation on this machine: a SuperLink, one SuperNode per hospital and `flwr run`.
+
+    Each SuperNode trains on its own hospital directory (node config `data-path`), exactly as in a real
+    deployment. `on_round` gets each round's metrics.json as its checkpoint appears. Logs and FLWR_HOME
+    live in RUNS_DIR/.flower/local/. Returns the run directory; every process is stopped on the way out.
+    """
+    home = options.runs_dir / ".flower" / "local"
+    before = {p.name for p in options.runs_dir.iterdir()} if options.runs_dir.is_dir() else set()
+    run_dir: Path | None = options.runs_dir / options.resume_run if options.resume_run else None
+    processes: list[FlowerProcess] = []
+    shown: set[Path] = set()
+    try:
+        port = free_port()
+        processes.append(start_superlink(port=port, flwr_home=home, log=home / "superlink.log"))
+        add_connection(home, "hospitals", f"{LOOPBACK}:{port}")
+        for hospital in hospitals:
+            processes.append(
+                start_supernode(
+                    name=f"hospital {hospital.name}", superlink=f"{LOOPBACK}:{port}", data_path=hospital,
+                    port=free_port(), flwr_home=home, log=home / f"{hospital.name}.log",
+                )
+            )
+        config = write_run_config(home / "run-config.toml", options.to_run_config())
+        run = submit_run(app_dir=app_dir, connection="hospitals", run_config=config, flwr_home=home,
+                         log=home / "flwr-run.log")
+        processes.append(run)
+        while True:
+            finished = not run.alive()
+            if run_dir is None:
+                new = [p.parent for p in options.runs_dir.glob("*/run.json") if p.parent.name not in before]
+                run_dir = new[0] if new else None
+            for path in sorted(run_dir.glob("round-*/metrics.json")) if run_dir else []:
+                if path not in shown:
+                    shown.add(path)
+                    if on_round is not None:
+                        on_round(json.loads(path.read_text()))
+            if finished:
+                break
+            time.sleep(2)
+        if run.popen.returncode:
+            raise FlowerProcessError(
+                f"the federated run failed (exit {run.popen.returncode}):\n{run.tail()}\nlogs: {home}"
+            )
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    if run_dir is None or not shown:
+        raise FlowerProcessError(f"the federated run saved no checkpoint; logs: {home}")
+    return run_dir

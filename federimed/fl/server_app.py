@@ -1,8 +1,7 @@
 """The coordinating side (Flower ServerApp): FedAvg of LoRA adapters, a checkpoint per round, resume.
 
 `app` reads its options from the Flower run config (`flwr run . --run-config ...`, keys in
-`federimed.fl.settings`); `server_app(options, on_round)` builds one with fixed options for in-process
-simulations. Each round: every connected hospital trains from the global adapter, the replies are
+`federimed.fl.settings`). Each round: every connected hospital trains from the global adapter, the replies are
 averaged (weighted by num-examples), the hospitals score the new adapter on their held-out dialogues,
 and `runs/<run>/round-N/` is saved (adapter + metrics.json with the per-hospital ledger and drop-outs).
 """
@@ -10,7 +9,6 @@ and `runs/<run>/round-N/` is saved (adapter + metrics.json with the per-hospital
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -24,8 +22,6 @@ from federimed.fl.strategy import AdapterFedAvg, RoundLog
 from federimed.model import adapter_state, add_lora, load_base
 
 log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with Flower's own logs
-
-RoundCallback = Callable[[RoundLog, Path], None]
 
 
 def initial_adapter(settings: RunSettings) -> dict:
@@ -50,7 +46,7 @@ def _start(options: ServerOptions) -> tuple[RunSettings, RunDir | None, int, dic
     return settings, run, done + 1, state
 
 
-def federate(grid: Grid, options: ServerOptions, on_round: RoundCallback | None = None) -> Path | None:
+def federate(grid: Grid, options: ServerOptions) -> Path | None:
     """Run the federation to `settings.rounds`; return the run directory (None if no round completed)."""
     settings, run, first, state = _start(options)
     remaining = settings.rounds - first + 1
@@ -78,8 +74,6 @@ def federate(grid: Grid, options: ServerOptions, on_round: RoundCallback | None 
             run = new_run(options.runs_dir, settings, "federated", counts)
         path = save_round(run, entry.round, arrays.to_torch_state_dict(), entry.to_json())
         _log_round(entry, settings.rounds, path)
-        if on_round is not None:
-            on_round(entry, path)
         return None
 
     strategy.start(
@@ -116,15 +110,10 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def server_app(options: ServerOptions | None = None, on_round: RoundCallback | None = None) -> ServerApp:
-    """A ServerApp running `federate` with `options` (None: read them from the run config)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        federate(grid, options or ServerOptions.from_run_config(context.run_config), on_round)
-
-    return app
+app = ServerApp()
 
 
-app = server_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation with the options in the run config."""
+    federate(grid, ServerOptions.from_run_config(context.run_config))

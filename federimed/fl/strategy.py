@@ -104,6 +104,7 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.names: dict[int, str] = {}
         self._sampled: dict[int, int] = {}  # node id -> bytes sent, for the round in flight
+        self._sent: list[Message] = []  # the instructions in flight (the Grid sets their message ids)
 
     def run_round(self, server_round: int) -> int:
         """The run's round number for strategy.start's `server_round`."""
@@ -111,6 +112,12 @@ class AdapterFedAvg(FedAvg):
 
     def _name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node {node_id}")
+
+    def _node(self, reply: Message) -> int:
+        """The node a reply answers for: error replies made by the SuperLink for a lost node carry the
+        SuperLink's id as sender, so match the instruction they reply to (ids are set when sent)."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -121,6 +128,7 @@ class AdapterFedAvg(FedAvg):
         self.min_available_nodes = self.min_train_nodes  # only round 1 waits for every hospital
         self.rounds[number] = RoundLog(round=number)
         self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -132,7 +140,7 @@ class AdapterFedAvg(FedAvg):
         entry = self.rounds[number]
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._node(reply)
             answered.add(node)
             if reply.has_error():
                 self._drop(entry, node, f"error {reply.error.code}: {reply.error.reason}")
@@ -163,7 +171,8 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask the connected hospitals for the held-out loss of the new global adapter."""
-        return super().configure_evaluate(self.run_round(server_round), arrays, config, grid)
+        self._sent = list(super().configure_evaluate(self.run_round(server_round), arrays, config, grid))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each hospital's held-out loss and their mean per answer token over all hospitals."""
@@ -171,7 +180,7 @@ class AdapterFedAvg(FedAvg):
         replies = list(replies)
         entry = self.rounds[number]
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._node(reply)
             if reply.has_error():
                 name = self._name(node)
                 entry.eval_errors[name] = f"error {reply.error.code}: {reply.error.reason}"

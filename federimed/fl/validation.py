@@ -67,6 +67,16 @@ class ReplyScreen:
 
     def check(self, content: RecordDict) -> float:
         """The update norm of a well-formed, plausible reply; raise ReplyRejected saying why otherwise."""
+        norm = self.update_norm(content)
+        self._check_bound(norm)
+        return norm
+
+    def _check_bound(self, norm: float) -> None:
+        if self.max_update_norm and not norm <= self.max_update_norm:
+            raise ReplyRejected(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}")
+
+    def update_norm(self, content: RecordDict) -> float:
+        """‖reply − global‖₂ of a well-formed reply with finite values; raise ReplyRejected otherwise."""
         if not self._global:
             raise RuntimeError("ReplyScreen.set_global must be called before replies are checked")
         self._check_metrics(content)
@@ -95,10 +105,7 @@ class ReplyScreen:
                 bad = int((~np.isfinite(value)).sum())
                 raise ReplyRejected(f"array {key!r} holds {bad} NaN/Inf value(s)")
             squares += float(np.square(value.astype(np.float64) - expected.astype(np.float64)).sum())
-        norm = math.sqrt(squares)
-        if self.max_update_norm and not norm <= self.max_update_norm:
-            raise ReplyRejected(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}")
-        return norm
+        return math.sqrt(squares)
 
     def _check_metrics(self, content: RecordDict) -> None:
         if len(content.metric_records) != 1:
@@ -129,7 +136,8 @@ class ReplyScreen:
                 continue
             hospital = name(reply)
             try:
-                result.norms[hospital] = self.check(reply.content)
+                result.norms[hospital] = self.update_norm(reply.content)
+                self._check_bound(result.norms[hospital])
             except ReplyRejected as err:
                 result.rejected[hospital] = str(err)
                 log.warning(

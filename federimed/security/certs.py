@@ -146,6 +146,42 @@ def create_tls(out: Path, hosts: Sequence[str] = (), *, days: int = 365, force: 
     return files
 
 
+def server_tls(directory: Path) -> TlsFiles:
+    """The SuperLink's TLS files in `directory` (as `create_tls` names them); `ca.key` need not be there."""
+    directory = Path(directory)
+    files = TlsFiles(directory / CA_CERT, directory / CA_KEY, directory / SERVER_CERT, directory / SERVER_KEY)
+    missing = [p.name for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
+    if missing:
+        raise KeyFileError(f"{directory}: {', '.join(missing)} missing (create them with `federimed certs --out DIR`)")
+    for cert in (files.ca_cert, files.server_cert):
+        check_certificate(cert)
+    return files
+
+
+def check_certificate(path: Path) -> Path:
+    """`path` if it holds a PEM certificate, else a KeyFileError naming the file."""
+    try:
+        x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise KeyFileError(f"{path} is not a readable PEM certificate: {err}") from None
+    return Path(path)
+
+
+def check_site_key(path: Path) -> Path:
+    """`path` if it holds an unencrypted OpenSSH EC private key (what Flower's SuperNode loads), else KeyFileError."""
+    try:
+        key = serialization.load_ssh_private_key(Path(path).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as err:
+        raise KeyFileError(
+            f"{path} is not an unencrypted OpenSSH private key (create one with `federimed hospital keygen`): {err}"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyFileError(f"{path} holds a {type(key).__name__}; Flower SuperNodes need an EC key (ECDSA)")
+    if Path(path).stat().st_mode & 0o077:
+        raise KeyFileError(f"{path} is readable by other users: `chmod 600 {path}`")
+    return Path(path)
+
+
 def fingerprint(public_key_line: str) -> str:
     """SHA256 fingerprint of an OpenSSH public key line, as `ssh-keygen -l` prints it."""
     parts = public_key_line.split()
