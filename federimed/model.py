@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from federimed.config import DEFAULT_BASE, LoraSettings, ModelSettings
+from federimed.config import DEFAULT_BASE, LoraSettings, ModelSettings, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +24,6 @@ _SOURCE_FILE = "federimed-source.json"
 
 class ModelLoadError(RuntimeError):
     """The base model or an adapter could not be found or loaded."""
-
-
-def cache_root() -> Path:
-    """Root of FederiMed's cache: `$FEDERIMED_CACHE` or `~/.cache/federimed`."""
-    return Path(os.environ.get("FEDERIMED_CACHE") or "~/.cache/federimed").expanduser()
 
 
 def resolve_base(settings: ModelSettings) -> Path | str:

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from federimed.config import cache_root
 from ingest.guidelines import (
     CHUNK_OVERLAP,
     CHUNK_SIZE,
@@ -82,11 +83,6 @@ class IndexBuildResult:
 def default_index_dir() -> Path:
     """Where the guideline index lives unless told otherwise: ``data/guideline-index``."""
     return Path("data") / "guideline-index"
-
-
-def cache_dir() -> Path:
-    """FederiMed's local cache (``~/.cache/federimed``, or ``$FEDERIMED_CACHE``)."""
-    return Path(os.environ.get("FEDERIMED_CACHE") or Path.home() / ".cache" / "federimed")
 
 
 @lru_cache(maxsize=1)
@@ -267,7 +263,7 @@ def _sign(manifest: dict[str, Any], *, create_key: bool = True) -> str:
 
 
 def _signing_key(*, create: bool) -> bytes:
-    path = cache_dir() / KEY_FILE
+    path = cache_root() / KEY_FILE
     if path.is_file():
         return bytes.fromhex(path.read_text().strip())
     if not create:
