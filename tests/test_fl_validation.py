@@ -148,3 +148,74 @@ def test_bad_configuration_is_refused() -> None:
         ReplyScreen(max_update_norm=-1)
     with pytest.raises(RuntimeError, match="set_global"):
         ReplyScreen().check(RecordDict())
+
+
+class _Grid:
+    """The part of a Flower Grid the strategy's sampling uses."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def test_the_strategy_screens_replies_records_rejections_and_aggregates_the_rest() -> None:
+    from flwr.app import ConfigRecord
+
+    from federimed.fl.strategy import HOSPITAL_RECORD, TRAIN_METRICS, AdapterFedAvg
+
+    g = _global()
+    strategy = AdapterFedAvg(hospitals=4, max_update_norm=1.0)
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), _Grid([1, 2, 3, 4]))}
+
+    def reply(node: int, name: str, arrays: dict[str, np.ndarray], examples: int, **extra: float) -> Message:
+        metrics = {key: 1.0 for key in TRAIN_METRICS} | {"num-examples": examples} | extra
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics),
+            HOSPITAL_RECORD: ConfigRecord({"name": name}),
+        })
+        return Message(content, reply_to=sent[node])
+
+    honest = {1: _honest(g, 1), 2: _honest(g, 2)}
+    replies = [
+        reply(1, "alpha", honest[1], 4, train_loss=2.0),
+        reply(2, "beta", honest[2], 6, train_loss=4.0),
+        reply(3, "gamma", {k: v * 1e3 for k, v in g.items()}, 1000, train_loss=0.0),  # poisoned, claims most examples
+        reply(4, "delta", honest[1], 4, extra=1.0),  # an unexpected metric
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    for key in KEYS:
+        np.testing.assert_allclose(arrays[key].numpy(), (4 * honest[1][key] + 6 * honest[2][key]) / 10, rtol=1e-5)
+    entry = strategy.rounds[1]
+    assert set(entry.hospitals) == {"alpha", "beta"} and entry.dropped == {}
+    assert set(entry.rejected) == {"gamma", "delta"} and "exceeds the bound 1" in entry.rejected["gamma"]
+    assert 0 < entry.hospitals["alpha"].update_norm < 1.0
+    assert entry.to_json()["rejected"] == entry.rejected
+    assert metrics["train_loss"] == pytest.approx((4 * 2.0 + 6 * 4.0) / 10)  # only accepted replies count
+
+
+def test_the_strategy_can_aggregate_with_the_median() -> None:
+    from flwr.app import ConfigRecord
+
+    from federimed.fl.strategy import HOSPITAL_RECORD, TRAIN_METRICS, AdapterFedAvg
+
+    g = _global()
+    strategy = AdapterFedAvg(hospitals=3, aggregator="median")
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), _Grid([1, 2, 3]))}
+    states = [_honest(g, seed) for seed in (1, 2)] + [{k: v + 7.0 for k, v in g.items()}]
+    replies = [
+        Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+            "metrics": MetricRecord({key: 1.0 for key in TRAIN_METRICS} | {"num-examples": 1 + 100 * (node == 3)}),
+            HOSPITAL_RECORD: ConfigRecord({"name": f"h{node}"}),
+        }), reply_to=sent[node])
+        for node, state in zip((1, 2, 3), states, strict=True)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for key in KEYS:
+        np.testing.assert_allclose(arrays[key].numpy(), np.median(np.stack([s[key] for s in states]), axis=0))
+    assert set(strategy.rounds[1].hospitals) == {"h1", "h2", "h3"} and not strategy.rounds[1].rejected

@@ -113,6 +113,8 @@ def test_bad_fhir_input_is_listed_and_the_rest_ingested(ma_fhir, tmp_path) -> No
     for p in bundles[:4]:
         shutil.copy(p, src / p.name)
     (src / "broken.json").write_text('{"resourceType": "Bundle", "entry": [')
+    named = "Zelda812_Quixote337_0b9e5c2a-1111-2222-3333-444455556666.json"  # Synthea-style name, unreadable
+    (src / named).write_text("not json")
     good = json.loads(bundles[5].read_text())
     patient_ref = next(e["fullUrl"] for e in good["entry"] if e["resource"]["resourceType"] == "Patient")
     orphan = next(e for e in good["entry"] if e["resource"]["resourceType"] == "Condition")
@@ -124,11 +126,13 @@ def test_bad_fhir_input_is_listed_and_the_rest_ingested(ma_fhir, tmp_path) -> No
     manifest = ingest([src], "h", tmp_path / "out")
     skips = _skips(manifest)
     assert any("broken.json" in s and "line" in s and "malformed JSON" in s for s in skips)
+    assert any("[REDACTED]_[REDACTED]_id:" in s and "malformed JSON" in s for s in skips)
+    assert not any("Zelda" in s or "Quixote" in s or "0b9e5c2a" in s for s in skips)
     assert any("edited.json" in s and "Condition/" in s and "subject" in s for s in skips)
     assert any("edited.json" in s and "Questionnaire" in s for s in skips)
     assert manifest["counts"]["patients"] == 5  # four copied bundles and the edited one
     assert manifest["counts"]["cases"] > 0
-    assert manifest["counts"]["skipped"] == len(skips) == 3
+    assert manifest["counts"]["skipped"] == len(skips) == 4
 
 
 def test_bad_csv_input_is_listed_and_the_rest_ingested(ma_csv, tmp_path) -> None:

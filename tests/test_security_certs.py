@@ -19,7 +19,13 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from typer.testing import CliRunner
 
 from federimed.commands import security, train
-from federimed.security.certs import KeyFileError, check_site_key, create_site_key, create_tls, server_tls
+from federimed.security.certs import (
+    KeyFileError,
+    check_site_key,
+    create_site_key,
+    create_tls,
+    server_tls,
+)
 
 runner = CliRunner()
 
@@ -56,9 +62,11 @@ def _handshake(tls_dir: Path, server_name: str, trust: Path) -> str:
     thread.start()
     try:
         client_ctx = ssl.create_default_context(cafile=str(trust))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname=server_name) as tls:
-                return tls.recv(2).decode()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            return tls.recv(2).decode()
     finally:
         thread.join(10)
         listener.close()
@@ -154,3 +162,36 @@ def test_check_site_key_accepts_keygen_output_and_refuses_other_files(tmp_path: 
     key.private.chmod(0o644)
     with pytest.raises(KeyFileError, match="readable by other users"):
         check_site_key(key.private)
+
+
+def test_server_security_options_fail_clearly_before_starting_anything(tmp_path: Path) -> None:
+    tls = create_tls(tmp_path / "tls").ca_cert.parent
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--auth", str(tmp_path / "empty")], "--auth needs --tls"),
+        (["--tls", str(tmp_path / "empty")], "ca.crt, server.crt, server.key missing"),
+        (["--tls", str(tls), "--auth", str(tmp_path / "empty")], "no hospital public key (*.pub)"),
+        (["--aggregator", "krum"], "'krum' is not one of"),
+    ]
+    for args, message in cases:
+        result = _invoke("server", "--runs-dir", str(tmp_path / "runs"), *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not (tmp_path / "runs" / ".flower").exists()  # no SuperLink was started
+
+
+def test_hospital_join_security_options_fail_clearly_before_starting_anything(tmp_path: Path) -> None:
+    from fl_support import make_hospital
+
+    data = make_hospital(tmp_path, "alpha", 2)
+    tls = create_tls(tmp_path / "tls")
+    key = create_site_key(tmp_path / "keys", "alpha")
+    key.private.chmod(0o640)
+    cases = [
+        (["--key", str(key.private)], "--key needs --ca"),
+        (["--ca", str(key.public)], "is not a readable PEM certificate"),
+        (["--ca", str(tls.ca_cert), "--key", str(key.private)], "readable by other users"),
+        (["--ca", str(tls.ca_cert), "--key", str(key.public)], "not an unencrypted OpenSSH private key"),
+    ]
+    for args, message in cases:
+        result = _invoke("hospital", "join", "--superlink", "127.0.0.1:9", "--data", str(data), *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)

@@ -8,7 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -32,19 +32,21 @@ class Profile:
 
 
 PROFILES = {
-    "default": Profile(patients=40, rounds=3, local_steps=10, batch_size=8, seq_len=256),
-    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=192),
+    "default": Profile(patients=40, rounds=3, local_steps=10, batch_size=4, seq_len=256),
+    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=256),
 }
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One demo step: a `federimed` command line, and the files whose content decides if it must rerun."""
+    """One demo step: a `federimed` command line, the files whose content decides if it must rerun,
+    and a check that its output is still there."""
 
     name: str
     args: list[str]
     inputs: Sequence[Path] = ()
     always: bool = False
+    produced: Callable[[], bool] = lambda: True
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.args).encode())
@@ -59,7 +61,8 @@ def _run(stage: Stage, state_dir: Path) -> float | None:
     """Run `stage` unless its stamp matches; return its wall time (None when skipped)."""
     stamp = state_dir / f"{stage.name}.json"
     fingerprint = stage.fingerprint()
-    if not stage.always and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fingerprint:
+    up_to_date = stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fingerprint
+    if not stage.always and up_to_date and stage.produced():
         console.print(f"[dim]✓ {stage.name}: up to date, skipped[/]")
         return None
     console.rule(f"[bold]{stage.name}[/]  federimed {' '.join(stage.args)}")
@@ -72,13 +75,23 @@ def _run(stage: Stage, state_dir: Path) -> float | None:
     return time.perf_counter() - started
 
 
+def _runs_of(runs: Path, mode: str, hospitals: set[str] | None = None) -> list[Path]:
+    """Run folders under `runs` of `mode` (trained on exactly `hospitals`, when given), oldest first."""
+    found = []
+    for path in runs.glob("*/run.json"):
+        info = json.loads(path.read_text())
+        if info["mode"] == mode and info.get("rounds_completed") and (hospitals is None or set(info["hospitals"]) == hospitals):
+            found.append((info["created"], path.parent))
+    return [p for _, p in sorted(found)]
+
+
 def _newest_federated_run(runs: Path) -> Path:
     """The most recently created federated run under `runs`."""
-    federated = [p.parent for p in runs.glob("*/run.json") if json.loads(p.read_text())["mode"] == "federated"]
+    federated = _runs_of(runs, "federated")
     if not federated:
         console.print(f"[red]demo stopped: no federated run under {runs}[/]")
         raise typer.Exit(1)
-    return max(federated, key=lambda p: json.loads((p / "run.json").read_text())["created"])
+    return federated[-1]
 
 
 def _demo_login(state_dir: Path, users_db: Path) -> tuple[str, str]:
@@ -111,16 +124,22 @@ def register(app: typer.Typer) -> None:
         """Run the whole story: synthesise 3 hospitals, ingest and audit them, build the guideline index,
         train the baselines and the federated adapter, evaluate and report, then start the chat with a
         printed demo login."""
+        from ingest.synth import plan
+
         profile = PROFILES["quick" if quick else "default"]
         data, runs = workdir / "data", workdir / "runs"
+        if quick:  # the smoke run keeps its own data and runs, apart from the default demo's
+            data, runs = data / "quick", runs / "quick"
         synth_dir, hospitals_dir = data / "synthea", data / "hospitals"
-        state_dir = data / ".demo" / ("quick" if quick else "default")
+        state_dir = data / ".demo"
         state_dir.mkdir(parents=True, exist_ok=True)
-        hospital_names = ("childrens", "general", "geriatric-cardiac")
+        hospital_names = [spec.hospital for spec in plan(3, profile.patients, seed)]
         stages = [
             Stage("synthesise", ["synth", "--out", str(synth_dir), "--hospitals", "3", "--patients",
-                                 str(profile.patients), "--seed", str(seed), "--force"]),
-            Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir]),
+                                 str(profile.patients), "--seed", str(seed), "--force"],
+                  produced=lambda: (synth_dir / "synth.json").is_file()),
+            Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir],
+                  produced=lambda: all((hospitals_dir / h / "manifest.json").is_file() for h in hospital_names)),
         ]
         stages += [
             Stage(f"audit {name}", ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
@@ -132,20 +151,23 @@ def register(app: typer.Typer) -> None:
                       "--seq-len", str(profile.seq_len)]
         stages.append(Stage("guideline index", ["index", "--out", str(data / "guideline-index")], always=True))
         # Baselines first, the federated run last: runs/latest then points at the federated model for the chat.
-        stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir]))
+        everyone = set(hospital_names)
+        stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
+                            produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
         stages += [
             Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
-                  [hospitals_dir])
+                  [hospitals_dir], produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
             for name in hospital_names
         ]
-        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir]))
+        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir],
+                            produced=lambda: bool(_runs_of(runs, "federated"))))
         timings: dict[str, float | None] = {}
         for stage in stages:
             timings[stage.name] = _run(stage, state_dir)
         federated = _newest_federated_run(runs)
         evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
                                           "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index")],
-                           [federated, hospitals_dir])
+                           [federated, hospitals_dir], produced=lambda: (federated / "eval" / "report.json").is_file())
         timings[evaluation.name] = _run(evaluation, state_dir)
         table = Table(title="Demo stages")
         table.add_column("stage")

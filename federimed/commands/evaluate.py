@@ -14,14 +14,23 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _run_dir(run: str, runs_dir: Path):
-    from federimed.checkpoints import RunDir
+def _run_dir(run: str, runs_dir: Path, *, federated: bool = False):
+    """The run that `run` names ("latest", an id under `runs_dir`, a run folder or one of its rounds)."""
+    from federimed.checkpoints import CheckpointError, RunDir, resolve_checkpoint
 
-    path = Path(run) if Path(run).is_dir() else runs_dir / run
-    if run == "latest":
-        path = (runs_dir / "latest").resolve().parent
+    path = Path(run)
     if not (path / "run.json").is_file():
-        err.print(f"[red]error:[/] {run!r} is not a training run (no run.json under {path})")
+        try:
+            path = resolve_checkpoint(run, runs_dir).parent
+        except CheckpointError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    if not (path / "run.json").is_file():
+        err.print(f"[red]error:[/] {run!r} is not a training run (no run.json in {path})")
+        raise typer.Exit(1)
+    mode = RunDir(path).info()["mode"]
+    if federated and mode != "federated":
+        err.print(f"[red]error:[/] {run!r} is a {mode} run; --run takes the federated run (baselines are found beside it)")
         raise typer.Exit(1)
     return RunDir(path)
 
@@ -48,9 +57,10 @@ def evaluate(
     modes = {"on": [True], "off": [False], "both": [False, True]}
     if retrieval not in modes:
         raise typer.BadParameter("--retrieval must be on, off or both")
-    federated = _run_dir(run, runs_dir)
+    federated = _run_dir(run, runs_dir, federated=True)
     hospitals = sorted(federated.info()["hospitals"])
-    settings = federated.settings().model
+    run_settings = federated.settings()
+    settings = run_settings.model
     try:
         contenders, missing = find_contenders(federated, [k.strip() for k in compare.split(",") if k.strip()])
         cases = [c for h in hospitals for c in load_heldout(data, [h])[:max_cases]]
@@ -60,7 +70,7 @@ def evaluate(
     for note in missing:
         err.print(f"[yellow]not evaluated:[/] {note}")
     vocab = vocabulary([data] + ([external.parent] if external else []))
-    options = dict(settings=settings, index_dir=index_dir, max_new_tokens=max_new_tokens)
+    options = dict(settings=settings, index_dir=index_dir, max_new_tokens=max_new_tokens, seq_len=run_settings.train.seq_len)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as bar:
         task = bar.add_task("answering held-out cases", total=1)

@@ -6,9 +6,16 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -22,6 +29,14 @@ Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed for adapter initialisation and sampling.")]
 BaseModel = Annotated[str, typer.Option(help="Base model: alias, local path or cached Hugging Face id.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.")]
+MaxUpdateNorm = Annotated[float, typer.Option(
+    min=0, help="Reject a hospital's update whose L2 distance to the global adapter exceeds this (0: no bound).")]
+Aggregator = Annotated[str, typer.Option(
+    click_type=click.Choice(["fedavg", "trimmed-mean", "median"]),
+    help="How updates are combined: fedavg (weighted mean), or trimmed-mean / median (coordinate-wise, "
+    "unweighted, robust to outliers).")]
+TrimFraction = Annotated[float, typer.Option(
+    min=0.01, max=0.49, help="For trimmed-mean: share of hospitals trimmed at each end of every coordinate.")]
 
 
 def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str):
@@ -60,7 +75,7 @@ def _resume_target(runs_dir: Path, run_id: str | None) -> str:
 
 
 def _round_table(metrics: dict) -> Table:
-    """A rich table of one round's metrics.json (per hospital, drop-outs in red)."""
+    """A rich table of one round's metrics.json (per hospital; drop-outs and rejected updates in red)."""
     title = f"round {metrics['round']}: train loss {_f(metrics['train_loss'])}, held-out {_f(metrics['heldout_loss'])}"
     table = Table(title=title)
     for column in ("hospital", "train loss", "held-out loss", "examples", "sent MB", "received MB", "train s"):
@@ -72,6 +87,8 @@ def _round_table(metrics: dict) -> Table:
         )
     for name, reason in metrics["dropped"].items():
         table.add_row(f"[red]{name}[/]", f"[red]dropped: {reason}[/]", "", "", "", "", "")
+    for name, reason in metrics.get("rejected", {}).items():
+        table.add_row(f"[red]{name}[/]", f"[red]update rejected: {reason}[/]", "", "", "", "", "")
     return table
 
 
@@ -120,6 +137,9 @@ def train(
     base_model: BaseModel = "smollm2-135m-instruct",
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
+    max_update_norm: MaxUpdateNorm = 0.0,
+    aggregator: Aggregator = "fedavg",
+    trim_fraction: TrimFraction = 0.34,
 ) -> None:
     """Fine-tune the LoRA adapter: federated (Flower, one SuperNode per hospital on loopback) or a baseline.
 
@@ -146,6 +166,7 @@ def train(
         options = ServerOptions(
             settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
+            max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
         )
         run_path = _federate(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
@@ -190,33 +211,65 @@ def server(
     base_model: BaseModel = "smollm2-135m-instruct",
     min_hospitals: Annotated[int, typer.Option(min=1, help="Fewest hospitals a round needs after round 1.")] = 1,
     resume: Annotated[str | None, typer.Option(help="Run id to continue from its last checkpoint.")] = None,
+    tls: Annotated[Path | None, typer.Option(
+        help="Serve over TLS with ca.crt, server.crt and server.key from this directory (`federimed certs`).")] = None,
+    auth: Annotated[Path | None, typer.Option(
+        help="Admit only hospitals whose public key (*.pub in this directory, from `federimed hospital keygen`) "
+        "is registered; needs --tls.")] = None,
+    max_update_norm: MaxUpdateNorm = 0.0,
+    aggregator: Aggregator = "fedavg",
+    trim_fraction: TrimFraction = 0.34,
 ) -> None:
     """Start a Flower SuperLink and run the federation on it; hospitals join with `federimed hospital join`.
 
     The server never sees hospital data: it sends the global adapter and training settings, and averages
-    the adapters that come back. Stops the SuperLink (and its children) when the run ends.
+    the adapters that come back. Stops the SuperLink (and its children) when the run ends. With --tls and
+    --auth, hospitals connect over TLS and only registered hospital keys are admitted.
     """
     from federimed.fl import deployment
     from federimed.fl.settings import ServerOptions
+    from federimed.security.certs import KeyFileError, server_tls
 
     settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
     if resume and not (runs_dir / resume / "run.json").is_file():
         raise _fail(f"cannot resume run {resume!r}: {runs_dir / resume / 'run.json'} not found")
     if min_hospitals > hospitals:
         raise _fail(f"--min-hospitals ({min_hospitals}) cannot exceed --hospitals ({hospitals})")
+    if auth is not None and tls is None:
+        raise _fail("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
+    try:
+        tls_files = server_tls(tls) if tls is not None else None
+    except KeyFileError as err:
+        raise _fail(str(err)) from None
+    site_keys = sorted(auth.glob("*.pub")) if auth is not None else []
+    if auth is not None and not site_keys:
+        raise _fail(f"--auth {auth}: no hospital public key (*.pub) found there")
     options = ServerOptions(
         settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
-        resume_run=resume or "",
+        resume_run=resume or "", max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
     )
     flwr_home = runs_dir.resolve() / ".flower"
     run_config = deployment.write_run_config(flwr_home / "run-config.toml", options.to_run_config())
-    superlink = deployment.start_superlink(port=port, host=host, flwr_home=flwr_home, log=flwr_home / "superlink.log")
+    superlink = deployment.start_superlink(
+        port=port, host=host, flwr_home=flwr_home, log=flwr_home / "superlink.log", tls=tls_files, auth=bool(site_keys)
+    )
     run = None
     try:
         address = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-        deployment.add_connection(flwr_home, "federimed", address)
-        console.print(f"SuperLink on {host}:{port}; waiting for {hospitals} hospital(s) to join, e.g.\n"
-                      f"  federimed hospital join --superlink {address} --data data/hospitals/<name>")
+        deployment.add_connection(
+            flwr_home, "federimed", address, root_certificates=tls_files.ca_cert if tls_files else None
+        )
+        for key in site_keys:
+            try:
+                node_id = deployment.register_supernode(flwr_home, "federimed", key.resolve(), name=key.stem)
+            except deployment.FlowerProcessError as err:
+                raise _fail(str(err)) from None
+            console.print(f"registered hospital key {key} (SuperNode {node_id})")
+        secure = (" --ca ca.crt" if tls_files else "") + (" --key keys/<name>" if site_keys else "")
+        console.print(f"SuperLink on {host}:{port}{' (TLS)' if tls_files else ''}; waiting for {hospitals} "
+                      f"hospital(s) to join, e.g.\n"
+                      f"  federimed hospital join --superlink {address} --data data/hospitals/<name>{secure}",
+                      soft_wrap=True)
         run = deployment.submit_run(
             app_dir=_app_dir(), connection="federimed", run_config=run_config, flwr_home=flwr_home, log=None
         )
@@ -240,11 +293,17 @@ def join(
     outbox: Annotated[
         Path | None, typer.Option(help="Keep a copy of every adapter this hospital sends (round-N.safetensors).")
     ] = None,
+    ca: Annotated[Path | None, typer.Option(
+        help="The federation's CA certificate (ca.crt): connect over TLS and verify the SuperLink with it.")] = None,
+    key: Annotated[Path | None, typer.Option(
+        help="This hospital's private key (`federimed hospital keygen`) for SuperNode authentication; needs --ca.")
+    ] = None,
 ) -> None:
     """Join a federation as a hospital: start a Flower SuperNode that trains on DATA (it never leaves)."""
     from federimed.fl import deployment
     from federimed.fl.hospitals import HospitalDataError, check_hospital
     from federimed.model import cache_root
+    from federimed.security.certs import KeyFileError, check_certificate, check_site_key
 
     try:
         path = check_hospital(data)
@@ -252,15 +311,25 @@ def join(
         raise _fail(str(err)) from None
     if ":" not in superlink:
         raise _fail(f"--superlink must be HOST:PORT, not {superlink!r}")
+    if key is not None and ca is None:
+        raise _fail("--key needs --ca: Flower authenticates SuperNodes only over TLS")
+    try:
+        root_certificates = check_certificate(ca).resolve() if ca is not None else None
+        auth_key = check_site_key(key).resolve() if key is not None else None
+    except KeyFileError as err:
+        raise _fail(str(err)) from None
     flwr_home = cache_root() / "flower" / path.name
     node = deployment.start_supernode(
         name=f"supernode {path.name}", superlink=superlink, data_path=path,
         port=port or deployment.free_port(), flwr_home=flwr_home, log=None, outbox=outbox.resolve() if outbox else None,
+        root_certificates=root_certificates, auth_key=auth_key,
     )
     console.print(f"hospital {path.name} joined {superlink}; Ctrl-C to leave")
     try:
         signal.signal(signal.SIGTERM, _interrupt)
-        node.wait()
+        if code := node.wait():
+            hint = "; is this hospital's public key registered with the SuperLink?" if auth_key else ""
+            raise _fail(f"the SuperNode stopped with exit code {code} (see its log above{hint})")
     except KeyboardInterrupt:
         console.print(f"hospital {path.name} leaving")
     finally:

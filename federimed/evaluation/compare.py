@@ -77,7 +77,7 @@ def retrieval_prompts(cases: Sequence[HeldoutCase], index_dir: Path | None, k: i
     return [build_prompt(c.case_text, index.search(retrieval_query(c.case_text), k=k)) for c in cases]
 
 
-def heldout_loss(model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], seq_len: int = 256) -> float:
+def heldout_loss(model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], seq_len: int) -> float:
     """Mean loss on the true answers (assistant tokens only) of the held-out dialogues."""
     from federimed.training import encode_dialogues, evaluate_loss
 
@@ -96,9 +96,11 @@ def evaluate_contenders(
     index_dir: Path | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 8,
+    seq_len: int = 256,
     progress: Progress | None = None,
 ) -> list[ModelScores]:
-    """Every contender × retrieval setting on the same cases; held-out loss once per contender."""
+    """Every contender × retrieval setting on the same cases; held-out loss (at the run's `seq_len`)
+    once per contender."""
     from federimed.model import load_for_inference
 
     with_snippets = retrieval_prompts(cases, index_dir) if True in retrieval else None
@@ -107,7 +109,7 @@ def evaluate_contenders(
     done = 0
     for contender in contenders:
         model, tokenizer = load_for_inference(settings, contender.adapter)
-        loss = heldout_loss(model, tokenizer, cases)
+        loss = heldout_loss(model, tokenizer, cases, seq_len)
         for use_retrieval in retrieval:
 
             def tick(n: int, label: str = contender.label) -> None:

@@ -49,6 +49,8 @@ COMMON_BRANDS: dict[str, tuple[str, ...]] = {
     "synthroid": ("levothyroxine",),
 }
 
+# First words of multi-word ingredients that name no single drug ("sodium chloride", "insulin lispro").
+_GENERIC_FIRST_WORDS = {"sodium", "potassium", "calcium", "magnesium", "ferrous", "zinc", "insulin", "vitamin"}
 _BRACKET = re.compile(r"\[([^\]]+)\]")
 
 
@@ -71,8 +73,9 @@ class DrugVocabulary:
         ingredients = list(ingredients) if ingredients else parse_ingredients(description)
         for ingredient in ingredients:
             self.add(ingredient, (ingredient,))
-            if " " in ingredient:  # "penicillin v", "epoetin alfa": answers often name only the first word
-                self.add(ingredient.split()[0], (ingredient,))
+            first = ingredient.split()[0]
+            if first != ingredient and first not in _GENERIC_FIRST_WORDS:
+                self.add(first, (ingredient,))  # "penicillin v", "epoetin alfa": answers often name the first word
         for brand in _BRACKET.findall(description):
             self.add(brand, ingredients)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from federimed.fl.settings import ServerOptions
+    from federimed.security.certs import TlsFiles
 
 LOOPBACK = "127.0.0.1"
 
@@ -181,15 +182,31 @@ def start(
     return FlowerProcess(name, popen, log)
 
 
-def start_superlink(*, port: int, flwr_home: Path, log: Path | None, host: str = LOOPBACK) -> FlowerProcess:
-    """Start an insecure SuperLink (Fleet, Control and Runtime APIs on `host:port`) and wait until it listens.
+def start_superlink(
+    *,
+    port: int,
+    flwr_home: Path,
+    log: Path | None,
+    host: str = LOOPBACK,
+    tls: TlsFiles | None = None,
+    auth: bool = False,
+) -> FlowerProcess:
+    """Start a SuperLink (Fleet, Control and Runtime APIs on `host:port`) and wait until it listens.
 
-    Runtime dependency installation is off: by default Flower 1.42 runs `uv sync` on the app's
-    pyproject for every ServerApp, which would reinstall torch & co. into a fresh environment.
+    Without `tls` it is insecure (plaintext). With `tls` every API is served over TLS with the server
+    certificate; `auth` (needs `tls`) admits only SuperNodes whose public key was registered
+    (`register_supernode`). Runtime dependency installation is off: by default Flower 1.42 runs
+    `uv sync` on the app's pyproject for every ServerApp, which would reinstall torch & co.
     """
+    if auth and tls is None:
+        raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)")
+    security = ["--insecure"] if tls is None else [
+        "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key),
+    ]
     argv = [
-        flower_command("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
-        "--disable-runtime-dependency-installation",
+        flower_command("flower-superlink"), *security, *(["--enable-supernode-auth"] if auth else []),
+        "--host", host, "--port", str(port), "--disable-runtime-dependency-installation",
     ]
     process = start("superlink", argv, log=log, env=flower_env(flwr_home))
     wait_for_port(process, host if host != "0.0.0.0" else LOOPBACK, port)
@@ -210,24 +227,60 @@ def start_supernode(
     flwr_home: Path,
     log: Path | None,
     outbox: Path | None = None,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    wait: bool = True,
 ) -> FlowerProcess:
-    """Start an insecure SuperNode for one hospital; its ClientApp reads `data_path` (node config)."""
+    """Start a SuperNode for one hospital; its ClientApp reads `data_path` (node config).
+
+    With `root_certificates` (the federation's CA certificate) it talks TLS to the SuperLink and refuses
+    a server that CA did not sign; without, plaintext. `auth_key` (needs TLS) is the hospital's private
+    key for SuperNode authentication. `wait`: block until its local ClientApp API port listens.
+    """
+    if auth_key is not None and root_certificates is None:
+        raise ValueError("SuperNode authentication needs TLS: pass root_certificates with auth_key")
     config = {"data-path": str(Path(data_path).resolve())} | ({"outbox": str(outbox)} if outbox else {})
+    security = ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     argv = [
-        flower_command("flower-supernode"), "--insecure", "--superlink", superlink,
+        flower_command("flower-supernode"), *security, "--superlink", superlink,
+        *(["--auth-supernode-private-key", str(auth_key)] if auth_key else []),
         "--host", LOOPBACK, "--port", str(port), "--node-config", node_config_arg(config),
     ]
     process = start(name, argv, log=log, env=flower_env(flwr_home))
-    wait_for_port(process, LOOPBACK, port)
+    if wait:
+        wait_for_port(process, LOOPBACK, port)
     return process
 
 
-def add_connection(flwr_home: Path, name: str, address: str) -> None:
-    """Write an insecure SuperLink connection `name` → `address` into FLWR_HOME/config.toml (as default)."""
+def add_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """Write SuperLink connection `name` → `address` into FLWR_HOME/config.toml (as default): TLS verified
+    with `root_certificates` (the CA certificate) when given, else insecure."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    security = (
+        "insecure = true" if root_certificates is None
+        else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}"
     )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def register_supernode(flwr_home: Path, connection: str, public_key: Path, name: str | None = None) -> int:
+    """`flwr supernode register KEY CONNECTION`: admit a hospital's public key; return its node id."""
+    argv = [flower_command("flwr"), "supernode", "register", str(public_key), connection, "--format", "json"]
+    done = subprocess.run(
+        [*argv, *(["--name", name] if name else [])], env=flower_env(flwr_home), capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=300, check=False,
+    )
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        reply = {}
+    if done.returncode or not reply.get("success"):
+        raise FlowerProcessError(
+            f"could not register {public_key} with SuperLink {connection!r}:\n{(done.stdout + done.stderr).strip()}"
+        )
+    return int(reply["node-id"])
 
 
 def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bool]) -> Path:

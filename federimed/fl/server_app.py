@@ -58,6 +58,9 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
         min_hospitals=options.min_hospitals,
         fraction_evaluate=options.fraction_evaluate,
         first_round=first,
+        max_update_norm=options.max_update_norm,
+        aggregator=options.aggregator,
+        trim_fraction=options.trim_fraction,
     )
     train_config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds})
 
@@ -98,12 +101,14 @@ def _log_round(entry: RoundLog, total: int, path: Path) -> None:
     )
     for name, row in sorted(entry.hospitals.items()):
         log.info(
-            "  %s: train loss %s, held-out %s, %d examples, sent %.2f MB, received %.2f MB",
+            "  %s: train loss %s, held-out %s, %d examples, sent %.2f MB, received %.2f MB, update norm %s",
             name, _fmt(row.train_loss), _fmt(row.heldout_loss), row.num_examples,
-            row.bytes_sent / 1e6, row.bytes_received / 1e6,
+            row.bytes_sent / 1e6, row.bytes_received / 1e6, _fmt(row.update_norm),
         )
     for name, reason in entry.dropped.items():
         log.warning("  hospital %s dropped in round %d: %s", name, entry.round, reason)
+    for name, reason in entry.rejected.items():
+        log.warning("  hospital %s's update rejected in round %d: %s", name, entry.round, reason)
 
 
 def _fmt(value: float | None) -> str:

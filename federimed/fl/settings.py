@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +63,15 @@ class ServerOptions(BaseModel):
     resume_run: str = Field("", description="run id to continue from its last checkpoint [resume-run]")
     round_timeout: float = Field(3600, gt=0, description="seconds to wait for replies in a round [round-timeout]")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share of hospitals scoring held-out loss")
+    max_update_norm: float = Field(
+        0.0, ge=0, description="reject replies with ‖reply − global‖₂ above this, 0: no bound [max-update-norm]"
+    )
+    aggregator: Literal["fedavg", "trimmed-mean", "median"] = Field(
+        "fedavg", description="how accepted replies are combined [aggregator]"
+    )
+    trim_fraction: float = Field(
+        0.34, gt=0, lt=0.5, description="share trimmed at each end by trimmed-mean [trim-fraction]"
+    )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> ServerOptions:

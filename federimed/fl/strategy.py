@@ -1,5 +1,9 @@
 """FedAvg over LoRA adapters that waits for every hospital once, survives drop-outs and keeps a ledger.
 
+Every training reply is screened first (`federimed.fl.validation`: shape, NaN/Inf, update-norm bound);
+rejected replies are left out of the round and recorded with their reason. The aggregation rule is
+FedAvg by default, or Flower's trimmed mean / median (`aggregator`).
+
 Round 1 starts only when all expected hospitals are connected; afterwards every round samples all hospitals
 connected at that moment (a late joiner takes part from the next round on) and needs only `min_hospitals`
 of them, so a hospital that drops out does not stop the federation: its error reply (or its silence until
@@ -17,10 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from federimed.fl.validation import ReplyScreen, make_aggregator
+
 log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with Flower's own logs
 
 HOSPITAL_RECORD = "hospital"
 """Key of the ConfigRecord in a client's reply that names the hospital (`{"name": ...}`)."""
+TRAIN_METRICS = ("train_loss", "num-examples", "tokens", "seconds", "bytes")
+"""The MetricRecord keys of a training reply (exactly these; anything else is rejected)."""
 
 
 @dataclass
@@ -40,6 +48,8 @@ class HospitalRound:
     heldout_loss: float | None = None
     heldout_tokens: int = 0
     """Answer tokens the held-out loss is averaged over."""
+    update_norm: float | None = None
+    """‖reply − global adapter‖₂ of this hospital's training reply."""
 
 
 @dataclass
@@ -50,6 +60,8 @@ class RoundLog:
     hospitals: dict[str, HospitalRound] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     """Hospital → why it dropped out of this round's training."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Hospital → why its training reply was screened out (not aggregated)."""
     eval_errors: dict[str, str] = field(default_factory=dict)
     """Hospital → why it could not score the new global adapter."""
     train_loss: float | None = None
@@ -81,6 +93,8 @@ class AdapterFedAvg(FedAvg):
 
     `first_round` shifts round numbers so a resumed run continues its numbering (strategy.start counts
     from 1): `server-round` in the train config and all ledger entries use the run's round numbers.
+    Replies whose update norm exceeds `max_update_norm` (0: no bound) or that are malformed are rejected;
+    `aggregator` is "fedavg", "trimmed-mean" (trimming `trim_fraction` at each end) or "median".
     """
 
     def __init__(
@@ -90,6 +104,9 @@ class AdapterFedAvg(FedAvg):
         min_hospitals: int = 1,
         fraction_evaluate: float = 1.0,
         first_round: int = 1,
+        max_update_norm: float = 0.0,
+        aggregator: str = "fedavg",
+        trim_fraction: float = 0.34,
     ) -> None:
         if not 1 <= min_hospitals <= hospitals:
             raise ValueError(f"min_hospitals must be between 1 and hospitals ({hospitals}), got {min_hospitals}")
@@ -104,6 +121,8 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.names: dict[int, str] = {}
         self._sampled: dict[int, int] = {}  # node id -> bytes sent, for the round in flight
+        self.screen = ReplyScreen(max_update_norm=max_update_norm, metric_keys=TRAIN_METRICS)
+        self.aggregator = make_aggregator(aggregator, trim_fraction=trim_fraction)
         self._sent: list[Message] = []  # the instructions in flight (the Grid sets their message ids)
 
     def run_round(self, server_round: int) -> int:
@@ -112,6 +131,9 @@ class AdapterFedAvg(FedAvg):
 
     def _name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node {node_id}")
+
+    def _reply_name(self, reply: Message) -> str:
+        return hospital_name(reply) or self._name(self._node(reply))
 
     def _node(self, reply: Message) -> int:
         """The node a reply answers for: error replies made by the SuperLink for a lost node carry the
@@ -128,20 +150,22 @@ class AdapterFedAvg(FedAvg):
         self.min_available_nodes = self.min_train_nodes  # only round 1 waits for every hospital
         self.rounds[number] = RoundLog(round=number)
         self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
+        self.screen.set_global(arrays)
         self._sent = messages
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each hospital's reply or drop-out, then average the adapters of those that replied."""
+        """Screen the replies, record each hospital's reply, rejection or drop-out, then aggregate the rest."""
         number = self.run_round(server_round)
         replies = list(replies)
         entry = self.rounds[number]
-        answered = set()
-        for reply in replies:
+        answered = {self._node(reply) for reply in replies}
+        screened = self.screen.screen(replies, self._reply_name, number)
+        entry.rejected = screened.rejected
+        for reply in screened.accepted:
             node = self._node(reply)
-            answered.add(node)
             if reply.has_error():
                 self._drop(entry, node, f"error {reply.error.code}: {reply.error.reason}")
                 continue
@@ -157,12 +181,13 @@ class AdapterFedAvg(FedAvg):
                 num_examples=int(metrics["num-examples"]),
                 tokens=int(metrics["tokens"]),
                 seconds=float(metrics["seconds"]),
+                update_norm=screened.norms[name],
             )
         for node in self._sampled.keys() - answered:
             self._drop(entry, node, "no reply before the round timeout")
-        arrays, metrics = super().aggregate_train(number, replies)
+        arrays, metrics = self.aggregator.aggregate_train(number, screened.accepted)
         if arrays is None:
-            log.warning("round %d: no hospital replied; the global adapter stays as it was", number)
+            log.warning("round %d: no usable reply; the global adapter stays as it was", number)
         if metrics is not None:
             entry.train_loss = float(metrics["train_loss"])
         return arrays, metrics

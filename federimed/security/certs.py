@@ -95,7 +95,7 @@ def create_tls(out: Path, hosts: Sequence[str] = (), *, days: int = 365, force: 
     files = TlsFiles(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY)
     if not force and (existing := [str(p) for p in vars(files).values() if p.exists()]):
         raise KeyFileError(f"{', '.join(existing)} already exist(s) (use --force to replace)")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(_CURVE())
