@@ -34,3 +34,12 @@ def ne_csv(shared_synthea: Path) -> Path:
 @pytest.fixture(scope="session")
 def ma_fhir(shared_synthea: Path) -> Path:
     return shared_synthea / "ma-2025" / "fhir"
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The default base model and tokenizer, loaded once per test module (LoRA wraps it in place)."""
+    from federimed.config import ModelSettings
+    from federimed.model import load_base
+
+    return load_base(ModelSettings())

@@ -25,11 +25,6 @@ from federimed.model import (
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base(ModelSettings())
-
-
 @pytest.fixture
 def gguf_loads(monkeypatch):
     """Record every load that reads the GGUF file (i.e. de-quantises it)."""

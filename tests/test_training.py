@@ -10,8 +10,8 @@ import pytest
 import torch
 from dialogue_samples import TREATMENTS, dialogue, dialogues, write_jsonl
 
-from federimed.config import LoraSettings, ModelSettings, TrainSettings
-from federimed.model import adapter_state, add_lora, load_adapter_state, load_base
+from federimed.config import LoraSettings, TrainSettings
+from federimed.model import adapter_state, add_lora, load_adapter_state
 from federimed.training import (
     IGNORE,
     DialogueError,
@@ -25,11 +25,6 @@ from federimed.training import (
 )
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base(ModelSettings())
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from federimed.commands import fail
+
 console = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(2)
 
 
 def certs(
@@ -37,7 +34,7 @@ def certs(
     try:
         files = create_tls(out, host or [], days=days, force=force)
     except (KeyFileError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     table = Table(title=f"TLS material in {out}")
     table.add_column("file")
     table.add_column("who needs it")
@@ -64,7 +61,7 @@ def keygen(
     try:
         key = create_site_key(out, name, force=force)
     except (KeyFileError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     console.print(f"private key: {key.private} (keep it here, 0600)")
     console.print(f"public key:  {key.public} (send to the federation operator)")
     console.print(f"fingerprint: {key.fingerprint}")

@@ -18,6 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from federimed.commands import fail
+
 console = Console()
 hospital_app = typer.Typer(help="Hospital side of a Flower deployment.", no_args_is_help=True)
 
@@ -55,23 +57,18 @@ def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: 
         raise typer.Exit(2) from None
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(2)
-
-
 def _resume_target(runs_dir: Path, run_id: str | None) -> str:
     """The run to continue: `run_id`, else the run runs/latest points into."""
     from federimed.checkpoints import CheckpointError, resolve_checkpoint
 
     if run_id:
         if not (runs_dir / run_id / "run.json").is_file():
-            raise _fail(f"cannot resume run {run_id!r}: {runs_dir / run_id / 'run.json'} not found")
+            raise fail(f"cannot resume run {run_id!r}: {runs_dir / run_id / 'run.json'} not found")
         return run_id
     try:
         return resolve_checkpoint("latest", runs_dir).parent.name
     except CheckpointError as err:
-        raise _fail(f"nothing to resume: {err}") from None
+        raise fail(f"nothing to resume: {err}") from None
 
 
 def _round_table(metrics: dict) -> Table:
@@ -113,7 +110,7 @@ def _federate(hospitals: list[Path], options) -> Path:
         try:
             return federate_on_loopback(hospitals, options, _app_dir(), show)
         except FlowerProcessError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
 
 
 def train(
@@ -149,14 +146,14 @@ def train(
     from federimed.fl.hospitals import HospitalDataError, ingested_hospitals
 
     if mode not in ("federated", "centralized", "local"):
-        raise _fail(f"--mode must be federated, centralized or local, not {mode!r}")
+        raise fail(f"--mode must be federated, centralized or local, not {mode!r}")
     if run_id and not resume:
-        raise _fail("--run-id names the run to continue with --resume; new runs are named by their start time")
+        raise fail("--run-id names the run to continue with --resume; new runs are named by their start time")
     names = [n.strip() for n in hospitals.split(",") if n.strip()] if hospitals else None
     try:
         found = ingested_hospitals(data, names)
     except HospitalDataError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
@@ -177,11 +174,11 @@ def _baseline(data: Path, found: list[Path], mode: str, hospital: str | None, se
     from federimed.checkpoints import plot_losses
 
     if resume:
-        raise _fail("--resume continues federated runs only")
+        raise fail("--resume continues federated runs only")
     names = [h.name for h in found]
     if mode == "local":
         if hospital is None or hospital not in names:
-            raise _fail(f"--mode local needs --hospital, one of: {', '.join(names)}")
+            raise fail(f"--mode local needs --hospital, one of: {', '.join(names)}")
         run = train_local_only(data, hospital, settings, runs_dir, eval_hospitals=names, progress=True)
     else:
         run = train_centralized(data, names, settings, runs_dir, progress=True)
@@ -193,7 +190,7 @@ def _app_dir() -> Path:
     """The project directory holding the Flower app's pyproject.toml (what `flwr run` packages)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
-        raise _fail(f"the Flower app needs FederiMed's source tree; no pyproject.toml in {root}")
+        raise fail(f"the Flower app needs FederiMed's source tree; no pyproject.toml in {root}")
     return root
 
 
@@ -232,18 +229,18 @@ def server(
 
     settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
     if resume and not (runs_dir / resume / "run.json").is_file():
-        raise _fail(f"cannot resume run {resume!r}: {runs_dir / resume / 'run.json'} not found")
+        raise fail(f"cannot resume run {resume!r}: {runs_dir / resume / 'run.json'} not found")
     if min_hospitals > hospitals:
-        raise _fail(f"--min-hospitals ({min_hospitals}) cannot exceed --hospitals ({hospitals})")
+        raise fail(f"--min-hospitals ({min_hospitals}) cannot exceed --hospitals ({hospitals})")
     if auth is not None and tls is None:
-        raise _fail("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
+        raise fail("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
     try:
         tls_files = server_tls(tls) if tls is not None else None
     except KeyFileError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     site_keys = sorted(auth.glob("*.pub")) if auth is not None else []
     if auth is not None and not site_keys:
-        raise _fail(f"--auth {auth}: no hospital public key (*.pub) found there")
+        raise fail(f"--auth {auth}: no hospital public key (*.pub) found there")
     options = ServerOptions(
         settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
         resume_run=resume or "", max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
@@ -263,7 +260,7 @@ def server(
             try:
                 node_id = deployment.register_supernode(flwr_home, "federimed", key.resolve(), name=key.stem)
             except deployment.FlowerProcessError as err:
-                raise _fail(str(err)) from None
+                raise fail(str(err)) from None
             console.print(f"registered hospital key {key} (SuperNode {node_id})")
         secure = (" --ca ca.crt" if tls_files else "") + (" --key keys/<name>" if site_keys else "")
         console.print(f"SuperLink on {host}:{port}{' (TLS)' if tls_files else ''}; waiting for {hospitals} "
@@ -275,7 +272,7 @@ def server(
         )
         code = run.wait()
         if code:
-            raise _fail(f"`flwr run` exited with {code}; SuperLink log: {superlink.log}")
+            raise fail(f"`flwr run` exited with {code}; SuperLink log: {superlink.log}")
     finally:
         if run is not None:
             run.stop()
@@ -308,16 +305,16 @@ def join(
     try:
         path = check_hospital(data)
     except HospitalDataError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if ":" not in superlink:
-        raise _fail(f"--superlink must be HOST:PORT, not {superlink!r}")
+        raise fail(f"--superlink must be HOST:PORT, not {superlink!r}")
     if key is not None and ca is None:
-        raise _fail("--key needs --ca: Flower authenticates SuperNodes only over TLS")
+        raise fail("--key needs --ca: Flower authenticates SuperNodes only over TLS")
     try:
         root_certificates = check_certificate(ca).resolve() if ca is not None else None
         auth_key = check_site_key(key).resolve() if key is not None else None
     except KeyFileError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     flwr_home = cache_root() / "flower" / path.name
     node = deployment.start_supernode(
         name=f"supernode {path.name}", superlink=superlink, data_path=path,
@@ -329,7 +326,7 @@ def join(
         signal.signal(signal.SIGTERM, _interrupt)
         if code := node.wait():
             hint = "; is this hospital's public key registered with the SuperLink?" if auth_key else ""
-            raise _fail(f"the SuperNode stopped with exit code {code} (see its log above{hint})")
+            raise fail(f"the SuperNode stopped with exit code {code} (see its log above{hint})")
     except KeyboardInterrupt:
         console.print(f"hospital {path.name} leaving")
     finally:

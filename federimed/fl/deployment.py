@@ -338,7 +338,8 @@ def federate_on_loopback(
             if run_dir is None:
                 new = [p.parent for p in options.runs_dir.glob("*/run.json") if p.parent.name not in before]
                 run_dir = new[0] if new else None
-            for path in sorted(run_dir.glob("round-*/metrics.json")) if run_dir else []:
+            rounds = run_dir.glob("round-*/metrics.json") if run_dir else []
+            for path in sorted(rounds, key=lambda p: int(p.parent.name.removeprefix("round-"))):
                 if path not in shown:
                     shown.add(path)
                     if on_round is not None:
