@@ -230,9 +230,12 @@ def start_supernode(
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
     wait: bool = True,
+    threads: int | None = None,
 ) -> FlowerProcess:
     """Start a SuperNode for one hospital; its ClientApp reads `data_path` (node config).
 
+    `threads` caps its ClientApps' CPU threads (OMP_NUM_THREADS): hospitals that share one machine would
+    otherwise oversubscribe its cores, which slows every one of them several times over.
     With `root_certificates` (the federation's CA certificate) it talks TLS to the SuperLink and refuses
     a server that CA did not sign; without, plaintext. `auth_key` (needs TLS) is the hospital's private
     key for SuperNode authentication. `wait`: block until its local ClientApp API port listens.
@@ -246,7 +249,8 @@ def start_supernode(
         *(["--auth-supernode-private-key", str(auth_key)] if auth_key else []),
         "--host", LOOPBACK, "--port", str(port), "--node-config", node_config_arg(config),
     ]
-    process = start(name, argv, log=log, env=flower_env(flwr_home))
+    limit = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+    process = start(name, argv, log=log, env=flower_env(flwr_home, limit))
     if wait:
         wait_for_port(process, LOOPBACK, port)
     return process
@@ -322,11 +326,12 @@ def federate_on_loopback(
         port = free_port()
         processes.append(start_superlink(port=port, flwr_home=home, log=home / "superlink.log"))
         add_connection(home, "hospitals", f"{LOOPBACK}:{port}")
+        threads = max(1, (os.cpu_count() or 1) // len(hospitals))  # the hospitals share this machine's cores
         for hospital in hospitals:
             processes.append(
                 start_supernode(
                     name=f"hospital {hospital.name}", superlink=f"{LOOPBACK}:{port}", data_path=hospital,
-                    port=free_port(), flwr_home=home, log=home / f"{hospital.name}.log",
+                    port=free_port(), flwr_home=home, log=home / f"{hospital.name}.log", threads=threads,
                 )
             )
         config = write_run_config(home / "run-config.toml", options.to_run_config())

@@ -32,12 +32,12 @@ def check_hospital(path: Path) -> Path:
     if not path.is_dir():
         raise HospitalDataError(f"hospital data path {path} is not a directory")
     if not any(path.iterdir()):
-        raise HospitalDataError(f"hospital data directory {path} is empty: run `federimed data ingest` first")
+        raise HospitalDataError(f"hospital data directory {path} is empty: run `federimed ingest` first")
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
         raise HospitalDataError(
             f"{path} is not an ingested hospital directory: {', '.join(missing)} missing "
-            "(run `federimed data ingest` first)"
+            "(run `federimed ingest` first)"
         )
     if (path / "train.jsonl").stat().st_size == 0:
         raise HospitalDataError(f"{path / 'train.jsonl'} holds no training dialogues")
