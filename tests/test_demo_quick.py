@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
+pytestmark = [pytest.mark.slow, pytest.mark.demo, pytest.mark.timeout(3600)]
 
 
 def _numbers(value):
@@ -30,7 +30,7 @@ def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
     env = {**os.environ, "FEDERIMED_CACHE": os.environ.get("FEDERIMED_CACHE", str(Path.home() / ".cache/federimed"))}
     result = subprocess.run(
         [sys.executable, "-m", "federimed.cli", "demo", "--quick", "--no-chat", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=1800,
+        capture_output=True, text=True, env=env, timeout=3000,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Demo login: user demo" in result.stdout

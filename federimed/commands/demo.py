@@ -29,11 +29,12 @@ class Profile:
     local_steps: int
     batch_size: int
     seq_len: int
+    max_cases: int  # held-out cases evaluated per hospital
 
 
 PROFILES = {
-    "default": Profile(patients=40, rounds=3, local_steps=10, batch_size=4, seq_len=256),
-    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=256),
+    "default": Profile(patients=40, rounds=3, local_steps=10, batch_size=4, seq_len=256, max_cases=1000),
+    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=256, max_cases=4),
 }
 
 
@@ -166,7 +167,8 @@ def register(app: typer.Typer) -> None:
             timings[stage.name] = _run(stage, state_dir)
         federated = _newest_federated_run(runs)
         evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
-                                          "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index")],
+                                          "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index"),
+                                          "--max-cases", str(profile.max_cases)],
                            [federated, hospitals_dir], produced=lambda: (federated / "eval" / "report.json").is_file())
         timings[evaluation.name] = _run(evaluation, state_dir)
         table = Table(title="Demo stages")
