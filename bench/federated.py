@@ -1,6 +1,6 @@
 """Federated training costs: client overhead, bytes on the wire per hospital, wall time per round.
 
-    .venv/bin/python bench/federated.py [--data data/hospitals] [--rounds 1] [--local-steps 10] [--batch-size 8]
+    .venv/bin/python bench/federated.py [--data data/hospitals] [--rounds 1] [--local-steps 5] [--batch-size 4]
         [--seq-len 256] [--throughput-steps 4] [--repeats 2]
 
 1. Throughput: `train_local` standalone vs the same steps through the Flower ClientApp handler (adapter
@@ -30,6 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the `ingest` package, not bench/ingest.py next to this script
 SHARED = Path(os.environ.get("FEDERIMED_SHARED_DATA", REPO.parent / "shared" / "data" / "synthea"))
+from federimed.commands.demo import PROFILES  # noqa: E402 (after the path fix above)
+
+DEMO = PROFILES["default"]
 SAMPLES = {"ma-2025-csv": "ma-2025/csv", "ne-2023-csv": "ne-2023/csv", "ma-2025-fhir": "ma-2025/fhir"}
 
 
@@ -148,9 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "hospitals")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--local-steps", type=int, default=10, help="demo default")
-    parser.add_argument("--batch-size", type=int, default=8, help="demo default")
-    parser.add_argument("--seq-len", type=int, default=256, help="demo default")
+    parser.add_argument("--local-steps", type=int, default=DEMO.local_steps, help="demo default")
+    parser.add_argument("--batch-size", type=int, default=DEMO.batch_size, help="demo default")
+    parser.add_argument("--seq-len", type=int, default=DEMO.seq_len, help="demo default")
     parser.add_argument("--throughput-steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federated.json")

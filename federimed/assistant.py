@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
@@ -28,6 +28,7 @@ from ingest.dialogues import QUESTION, SYSTEM_PROMPT
 if TYPE_CHECKING:
     from federimed.checkpoints import Version
     from federimed.retrieval import GuidelineIndex
+    from federimed.serving.backend import Engine
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,13 @@ class ModelVersion:
     rounds: int | None = None
     hospitals: tuple[str, ...] = ()
     examples: int | None = None
+    epsilon: float | None = None
+    """Hospital-level differential-privacy ε spent up to this round (None: trained without DP)."""
+    delta: float | None = None
 
     def describe(self) -> str:
-        """One line for the footer: "RUN/round-3 · federated · 3 rounds · 3 hospitals (a, b, c) · 1,204 examples"."""
+        """One line for the footer: "RUN/round-3 · federated · 3 rounds · 3 hospitals (a, b, c) · 1,204 examples",
+        then "DP ε 9.01 at δ 1e-05 (per hospital)" for a differentially private run."""
         if self.adapter_dir is None:
             return "base model (not fine-tuned)"
         parts = [self.label]
@@ -114,6 +119,8 @@ class ModelVersion:
             parts.append(f"{n} hospital{'' if n == 1 else 's'} ({', '.join(self.hospitals)})")
         if self.examples is not None:
             parts.append(f"{self.examples:,} training examples")
+        if self.epsilon is not None:
+            parts.append(f"DP ε {self.epsilon:.2f} at δ {self.delta:g} (per hospital)")
         return " · ".join(parts)
 
 
@@ -125,6 +132,8 @@ def _version_of(info: Version) -> ModelVersion:
         rounds=info.round,
         hospitals=tuple(info.hospitals),
         examples=info.examples,
+        epsilon=info.epsilon,
+        delta=info.delta,
     )
 
 
@@ -155,12 +164,12 @@ def resolve_version(spec: str | Path | None, runs_dir: Path) -> tuple[ModelVersi
 
 
 @lru_cache(maxsize=4)
-def _load(settings_json: str, adapter_dir: str | None) -> tuple[Any, Any]:
-    from federimed.model import load_for_inference
+def _load(settings_json: str, adapter_dir: str | None, engine: str) -> Engine:
+    from federimed.serving.select import load_engine
 
     started = time.perf_counter()
-    loaded = load_for_inference(ModelSettings.model_validate_json(settings_json), Path(adapter_dir) if adapter_dir else None)
-    log.info("model loaded in %.1f s", time.perf_counter() - started)
+    loaded = load_engine(ModelSettings.model_validate_json(settings_json), Path(adapter_dir) if adapter_dir else None, engine)
+    log.info("model loaded (%s engine) in %.1f s", loaded.name, time.perf_counter() - started)
     return loaded
 
 
@@ -169,9 +178,6 @@ def _load_index(index_dir: str | None) -> GuidelineIndex:
     from federimed.retrieval import GuidelineIndex, ensure_default_index
 
     return GuidelineIndex.load(Path(index_dir)) if index_dir else ensure_default_index()
-
-
-_GENERATE_LOCK = threading.Lock()  # one generation at a time: concurrent ones only fight for the cores
 
 
 # ---------------------------------------------------------------- the assistant
@@ -212,21 +218,27 @@ class Assistant:
         runs_dir: Path = Path("runs"),
         index_dir: Path | None = None,
         retrieval: bool = True,
+        engine: str | None = None,
     ) -> None:
+        from federimed.serving.select import choose_engine
+
         self.settings = model_settings or ModelSettings()
         self.runs_dir = Path(runs_dir)
         self.index_dir = index_dir
         self.retrieval = retrieval
         self.version, self.notice = resolve_version(adapter, self.runs_dir)
+        self.engine, engine_notice = choose_engine(self.settings, engine)
+        self.notice = " ".join(n for n in (self.notice, engine_notice) if n) or None
 
     @property
     def model_version(self) -> ModelVersion:
         return self.version
 
-    def model(self) -> tuple[Any, Any]:
-        """The (model, tokenizer) of this version, loaded once per process and version."""
+    def model(self) -> Engine:
+        """The generation engine of this version (llama.cpp or transformers, see `federimed.serving.select`),
+        loaded once per process, version and engine; a checkpoint is exported for llama.cpp on first use."""
         adapter = str(self.version.adapter_dir) if self.version.adapter_dir else None
-        return _load(self.settings.model_dump_json(), adapter)
+        return _load(self.settings.model_dump_json(), adapter, self.engine)
 
     def index(self) -> GuidelineIndex:
         """The guideline index: `index_dir` when given, else the default one (built on first use);
@@ -268,70 +280,32 @@ class Assistant:
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ) -> Iterator[str]:
         """Stream the answer to a prepared case, piece by piece (greedy when temperature is 0)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from federimed.serving.backend import prompt_ids
 
         if max_new_tokens < 1:
             raise CaseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        model, tokenizer = self.model()
-        inputs = tokenizer.apply_chat_template(
-            prepared.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        limit = _context_length(model, tokenizer)
-        if prompt_tokens + max_new_tokens > limit:
+        engine = self.model()
+        ids = prompt_ids(engine.tokenizer, prepared.messages)
+        if len(ids) + max_new_tokens > engine.context_length:
             raise CaseError(
-                f"the prompt is {prompt_tokens:,} tokens and {max_new_tokens} more were asked for; the model reads "
-                f"at most {limit:,}. Shorten the case or ask for fewer tokens."
+                f"the prompt is {len(ids):,} tokens and {max_new_tokens} more were asked for; the model reads "
+                f"at most {engine.context_length:,}. Shorten the case or ask for fewer tokens."
             )
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return stop.is_set()
-
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": 0.95}
-            if temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with _GENERATE_LOCK:
-                    model.generate(
-                        **inputs,
-                        max_new_tokens=max_new_tokens,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Stop()]),
-                        pad_token_id=tokenizer.pad_token_id,
-                        **sampling,
-                    )
-            except BaseException as exc:  # re-raised in the consumer's thread below
-                errors.append(exc)
-                streamer.end()
-
         started = time.perf_counter()
         first = None
         pieces = 0
-        thread = threading.Thread(target=run, name="federimed-generate", daemon=True)
-        thread.start()
+        stream = engine.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature)
         try:
-            for piece in streamer:
-                if piece:
-                    first = first or time.perf_counter()
-                    pieces += 1
-                    yield piece
+            for piece in stream:
+                first = first or time.perf_counter()
+                pieces += 1
+                yield piece
         finally:
-            stop.set()
-            thread.join()
-        if errors:
-            raise errors[0]
+            stream.close()  # a consumer that stops early stops the generation now
         elapsed = time.perf_counter() - started
         log.info(
-            "generated %d pieces for a %d-token prompt (%d snippets) in %.2f s, first after %.2f s",
-            pieces, prompt_tokens, len(prepared.snippets), elapsed, (first or time.perf_counter()) - started,
+            "%s generated %d pieces for a %d-token prompt (%d snippets) in %.2f s, first after %.2f s",
+            engine.name, pieces, len(ids), len(prepared.snippets), elapsed, (first or time.perf_counter()) - started,
         )  # fmt: skip
 
     async def astream(
@@ -393,9 +367,3 @@ class Assistant:
         text = "".join(self.generate(prepared, temperature=temperature, max_new_tokens=max_new_tokens))
         timings = {"prepare_s": prepared_at - started, "generate_s": time.perf_counter() - prepared_at}
         return Answer(text, prepared.snippets, self.version, prepared.case_text, timings)
-
-
-def _context_length(model: Any, tokenizer: Any) -> int:
-    """How many tokens the model reads at most."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    return min(v for v in limits if isinstance(v, int) and 0 < v < 10**7)

@@ -118,10 +118,11 @@ def _run(
             "examples_seen": result.examples_seen,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 2),
-            **_heldout_metrics(model, heldout, settings.eval_batch_size),
         }
+        if round_num == settings.rounds:  # baselines are compared at their end: score held-out once
+            metrics |= _heldout_metrics(model, heldout, settings.eval_batch_size)
         save_round(run, round_num, model, metrics)
-        log.info("%s round %d: train loss %.3f, held-out %s", mode, round_num, result.loss, metrics["heldout_loss"])
+        log.info("%s round %d: train loss %.3f, held-out %s", mode, round_num, result.loss, metrics.get("heldout_loss"))
     return run
 
 

@@ -28,6 +28,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS = "metrics.json"
 RUN_FILE = "run.json"
 LATEST = "latest"
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "clip")
+"""What a differentially private round's metrics.json records of the privacy spent, copied into run.json."""
 _ROUND = re.compile(r"^round-(\d+)$")
 
 
@@ -70,6 +72,9 @@ class Version:
     path: Path
     created: str
     metrics: dict[str, Any]
+    epsilon: float | None = None
+    """Hospital-level DP ε spent up to this round (None: trained without differential privacy)."""
+    delta: float | None = None
 
     @property
     def label(self) -> str:
@@ -110,7 +115,9 @@ def new_run(runs_dir: Path, settings: RunSettings, mode: str, hospitals: Mapping
 def save_round(
     run: RunDir, round_num: int, model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], metrics: Mapping[str, Any]
 ) -> Path:
-    """Write round-N/ (PEFT adapter + metrics.json) atomically, update run.json and point `latest` at it."""
+    """Write round-N/ (PEFT adapter + metrics.json) atomically, update run.json and point `latest` at it.
+
+    A differentially private round's `PRIVACY_KEYS` (ε spent so far, δ, σ, clip) also go into run.json."""
     from federimed.model import adapter_state, lora_config  # torch/peft stay out of plain run listing
 
     if round_num < 1:
@@ -130,6 +137,8 @@ def save_round(
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if round_num >= info["rounds_completed"]:  # run.json keeps the privacy spent up to the latest round
+        info.update({key: metrics[key] for key in PRIVACY_KEYS if key in metrics})
     info["rounds_completed"] = max(info["rounds_completed"], round_num)
     _write_json(run.path / RUN_FILE, info)
     _point_latest(run.runs_dir, final)
@@ -189,10 +198,11 @@ def list_versions(runs_dir: Path) -> list[Version]:
         info = run.info()
         for p in run.path.iterdir():
             if (m := _ROUND.match(p.name)) and (p / ADAPTER_WEIGHTS).is_file():
+                metrics = _read_json(p / METRICS) if (p / METRICS).is_file() else {}
                 versions.append(
                     Version(
                         run.id, int(m.group(1)), info["mode"], info["hospitals"], info["examples"], p,
-                        info["created"], _read_json(p / METRICS) if (p / METRICS).is_file() else {},
+                        info["created"], metrics, metrics.get("epsilon"), metrics.get("delta"),
                     )
                 )
     return sorted(versions, key=lambda v: (v.created, v.run_id, v.round), reverse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from federimed.commands import chat, data, demo, evaluate, index, security, synth, train
+from federimed.commands import audit_model, chat, data, demo, evaluate, export, index, security, synth, train
 
 app = typer.Typer(
     name="federimed",
@@ -21,6 +21,8 @@ security.register(app)
 index.register(app)
 chat.register(app)
 evaluate.register(app)
+audit_model.register(app)
+export.register(app)
 demo.register(app)
 
 if __name__ == "__main__":

@@ -20,3 +20,9 @@ if [ "${1:-}" = "--dev" ]; then
 else
     $PIP install -c constraints.txt -e .
 fi
+# Fast CPU inference (optional): llama-cpp-python compiles llama.cpp from source (~3 min; cmake and a C++
+# compiler). Without it FederiMed still works, on the slower transformers engine.
+if ! $PIP install -c constraints.txt -e '.[fast]'; then
+    echo "warning: llama-cpp-python did not build (see the errors above): FederiMed works without it, but answers" \
+         "several times slower on a CPU. Retry later with: .venv/bin/pip install -c constraints.txt -e '.[fast]'" >&2
+fi

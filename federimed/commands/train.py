@@ -39,6 +39,28 @@ Aggregator = Annotated[str, typer.Option(
     "unweighted, robust to outliers).")]
 TrimFraction = Annotated[float, typer.Option(
     min=0.01, max=0.49, help="For trimmed-mean: share of hospitals trimmed at each end of every coordinate.")]
+Dp = Annotated[bool, typer.Option(
+    "--dp/--no-dp", help="Hospital-level differential privacy: each hospital clips its update to --clip, the server "
+    "adds Gaussian noise to the mean and reports ε at --delta after every round (docs/privacy-and-security.md).")]
+NoiseMultiplier = Annotated[float, typer.Option(
+    help="With --dp: noise std on the sum of the updates in units of --clip (σ); more noise, smaller ε, worse model.")]
+Clip = Annotated[float, typer.Option(help="With --dp: L2 bound on each hospital's adapter update per round.")]
+Delta = Annotated[float, typer.Option(help="With --dp: δ at which ε is reported (keep it well below 1/hospitals).")]
+SecAgg = Annotated[bool, typer.Option(
+    "--secagg/--no-secagg", help="Secure aggregation (Flower's SecAgg+): hospitals upload masked, quantised updates "
+    "and the server learns only their weighted sum; needs 2+ hospitals and fedavg (docs/privacy-and-security.md).")]
+SecAggShares = Annotated[float, typer.Option(
+    min=0.01, max=1.0, help="With --secagg: share of a round's hospitals each hospital's secrets are split among.")]
+SecAggThreshold = Annotated[float, typer.Option(
+    min=0.01, max=1.0, help="With --secagg: share of those shares needed to rebuild a secret (at least 2 shares): "
+    "higher resists more colluding hospitals, lower tolerates more drop-outs.")]
+SecAggMaxWeight = Annotated[float, typer.Option(
+    min=1e-9, help="With --secagg: training dialogues that weigh 1 in the quantised sum (set near the largest "
+    "hospital's count).")]
+SecAggClip = Annotated[float, typer.Option(
+    min=1e-9, help="With --secagg: each value of (dialogues / max-weight) × update is clipped to ± this.")]
+SecAggLevels = Annotated[int, typer.Option(
+    min=2, help="With --secagg: quantisation levels over the clipping range (times hospitals must stay < 2^32).")]
 
 
 def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str):
@@ -74,6 +96,8 @@ def _resume_target(runs_dir: Path, run_id: str | None) -> str:
 def _round_table(metrics: dict) -> Table:
     """A rich table of one round's metrics.json (per hospital; drop-outs and rejected updates in red)."""
     title = f"round {metrics['round']}: train loss {_f(metrics['train_loss'])}, held-out {_f(metrics['heldout_loss'])}"
+    if "epsilon" in metrics:
+        title += f", DP ε {metrics['epsilon']:.2f} at δ {metrics['delta']:g}"
     table = Table(title=title)
     for column in ("hospital", "train loss", "held-out loss", "examples", "sent MB", "received MB", "train s"):
         table.add_column(column, justify="left" if column == "hospital" else "right")
@@ -91,6 +115,19 @@ def _round_table(metrics: dict) -> Table:
 
 def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
+
+
+def _server_options(**fields):
+    """ServerOptions, or a clear error when the options contradict each other (e.g. --dp with a median)."""
+    from pydantic import ValidationError
+
+    from federimed.fl.settings import ServerOptions
+
+    try:
+        return ServerOptions(**fields)
+    except ValidationError as err:
+        problems = [(f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"] for e in err.errors()]
+        raise fail("invalid federation options: " + "; ".join(problems)) from None
 
 
 def _federate(hospitals: list[Path], options) -> Path:
@@ -137,6 +174,16 @@ def train(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = "fedavg",
     trim_fraction: TrimFraction = 0.34,
+    dp: Dp = False,
+    noise_multiplier: NoiseMultiplier = 1.0,
+    clip: Clip = 1.0,
+    delta: Delta = 1e-5,
+    secagg: SecAgg = False,
+    secagg_num_shares: SecAggShares = 1.0,
+    secagg_reconstruction_threshold: SecAggThreshold = 0.67,
+    secagg_max_weight: SecAggMaxWeight = 1000.0,
+    secagg_clipping_range: SecAggClip = 1.0,
+    secagg_quantization_range: SecAggLevels = 2**22,
 ) -> None:
     """Fine-tune the LoRA adapter: federated (Flower, one SuperNode per hospital on loopback) or a baseline.
 
@@ -149,6 +196,10 @@ def train(
         raise fail(f"--mode must be federated, centralized or local, not {mode!r}")
     if run_id and not resume:
         raise fail("--run-id names the run to continue with --resume; new runs are named by their start time")
+    if dp and mode != "federated":
+        raise fail("--dp applies to federated training (--mode federated)")
+    if secagg and mode != "federated":
+        raise fail("--secagg applies to federated training (--mode federated)")
     names = [n.strip() for n in hospitals.split(",") if n.strip()] if hospitals else None
     try:
         found = ingested_hospitals(data, names)
@@ -158,12 +209,15 @@ def train(
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:
-        from federimed.fl.settings import ServerOptions
-
-        options = ServerOptions(
+        options = _server_options(
             settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
             max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+            dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
+            secagg=secagg, secagg_num_shares=secagg_num_shares,
+            secagg_reconstruction_threshold=secagg_reconstruction_threshold,
+            secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
+            secagg_quantization_range=secagg_quantization_range,
         )
         run_path = _federate(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
@@ -216,6 +270,16 @@ def server(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = "fedavg",
     trim_fraction: TrimFraction = 0.34,
+    dp: Dp = False,
+    noise_multiplier: NoiseMultiplier = 1.0,
+    clip: Clip = 1.0,
+    delta: Delta = 1e-5,
+    secagg: SecAgg = False,
+    secagg_num_shares: SecAggShares = 1.0,
+    secagg_reconstruction_threshold: SecAggThreshold = 0.67,
+    secagg_max_weight: SecAggMaxWeight = 1000.0,
+    secagg_clipping_range: SecAggClip = 1.0,
+    secagg_quantization_range: SecAggLevels = 2**22,
 ) -> None:
     """Start a Flower SuperLink and run the federation on it; hospitals join with `federimed hospital join`.
 
@@ -224,7 +288,6 @@ def server(
     --auth, hospitals connect over TLS and only registered hospital keys are admitted.
     """
     from federimed.fl import deployment
-    from federimed.fl.settings import ServerOptions
     from federimed.security.certs import KeyFileError, server_tls
 
     settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
@@ -241,9 +304,14 @@ def server(
     site_keys = sorted(auth.glob("*.pub")) if auth is not None else []
     if auth is not None and not site_keys:
         raise fail(f"--auth {auth}: no hospital public key (*.pub) found there")
-    options = ServerOptions(
+    options = _server_options(
         settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
         resume_run=resume or "", max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+        dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
+        secagg=secagg, secagg_num_shares=secagg_num_shares,
+        secagg_reconstruction_threshold=secagg_reconstruction_threshold,
+        secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
+        secagg_quantization_range=secagg_quantization_range,
     )
     flwr_home = runs_dir.resolve() / ".flower"
     run_config = deployment.write_run_config(flwr_home / "run-config.toml", options.to_run_config())

@@ -102,6 +102,7 @@ def evaluate_contenders(
     """Every contender × retrieval setting on the same cases; held-out loss (at the run's `seq_len`)
     once per contender."""
     from federimed.model import load_for_inference
+    from federimed.serving.select import load_engine
 
     with_snippets = retrieval_prompts(cases, index_dir) if True in retrieval else None
     results = []
@@ -110,6 +111,7 @@ def evaluate_contenders(
     for contender in contenders:
         model, tokenizer = load_for_inference(settings, contender.adapter)
         loss = heldout_loss(model, tokenizer, cases, seq_len)
+        engine = load_engine(settings, contender.adapter, loaded=(model, tokenizer))
         for use_retrieval in retrieval:
 
             def tick(n: int, label: str = contender.label) -> None:
@@ -119,12 +121,12 @@ def evaluate_contenders(
                     progress(label, done, total)
 
             scores = score_model(
-                contender.label, model, tokenizer, cases, vocab, prompts=with_snippets if use_retrieval else None,
+                contender.label, engine, cases, vocab, prompts=with_snippets if use_retrieval else None,
                 retrieval=use_retrieval, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=tick,
             )
             scores.heldout_loss = loss
             results.append(scores)
-        del model
+        del model, engine
     return results
 
 
@@ -132,13 +134,13 @@ def f1_per_round(
     federated: RunDir, cases: Sequence[HeldoutCase], vocab: DrugVocabulary, settings: ModelSettings, **kwargs: Any
 ) -> list[dict[str, float]]:
     """Pooled drug F1 (no retrieval) of the global adapter after each federated round."""
-    from federimed.model import load_for_inference
+    from federimed.serving.select import load_engine
 
     rows = []
     for metrics in round_metrics(federated.path):
         n = int(metrics["round"])
-        model, tokenizer = load_for_inference(settings, federated.path / f"round-{n}")
-        scores = score_model(f"round-{n}", model, tokenizer, cases, vocab, **kwargs)
+        engine = load_engine(settings, federated.path / f"round-{n}")
+        scores = score_model(f"round-{n}", engine, cases, vocab, **kwargs)
         rows.append({"round": n, "drug_f1": scores.summary()["drug_f1"]["mean"]})
     return rows
 

@@ -1,4 +1,4 @@
-"""Answer every held-out case with one model (batched greedy generation) and score the answers."""
+"""Answer every held-out case with one model (greedy, through a generation engine) and score the answers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import bootstrap_ci, recall, rouge_l, set_scores
-
+from federimed.serving.backend import Engine, answer_text, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -123,38 +121,20 @@ def score_answer(case: HeldoutCase, answer: str, vocab: DrugVocabulary) -> CaseS
     )
 
 
-@torch.no_grad()
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int = 48, batch_size: int = 8,
+    engine: Engine, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int = 48, batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers to many chat prompts, generated `batch_size` at a time with left padding."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-    answers: list[str] = [""] * len(texts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        inputs = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = inputs.to(model.device)
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new = output[:, inputs["input_ids"].shape[1] :]
-        for i, ids in zip(chunk, new):
-            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if on_batch:
-            on_batch(len(chunk))
-    return answers
+    """Greedy answers to many chat prompts: llama.cpp case by case, or transformers `batch_size` at a time
+    (see `federimed.serving.select.load_engine`)."""
+    ids = [prompt_ids(engine.tokenizer, p) for p in prompts]
+    answers = engine.greedy(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
+    return [answer_text(engine.tokenizer, a) for a in answers]
 
 
 def score_model(
     label: str,
-    model: Any,
-    tokenizer: Any,
+    engine: Engine,
     cases: Sequence[HeldoutCase],
     vocab: DrugVocabulary,
     *,
@@ -166,7 +146,7 @@ def score_model(
 ) -> ModelScores:
     """Generate and score answers for every case (`prompts` override the cases' own, e.g. with snippets)."""
     answers = generate_batch(
-        model, tokenizer, prompts or [c.messages for c in cases], max_new_tokens=max_new_tokens,
+        engine, prompts or [c.messages for c in cases], max_new_tokens=max_new_tokens,
         batch_size=batch_size, on_batch=on_batch,
     )
     return ModelScores(label, retrieval, [score_answer(c, a, vocab) for c, a in zip(cases, answers)])

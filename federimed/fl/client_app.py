@@ -5,6 +5,10 @@ MetricRecord (train_loss, num-examples, tokens, seconds, bytes) and the hospital
 The server sends the run's settings (JSON of RunSettings) in the message's ConfigRecord; the data
 directory comes from this node only (see `federimed.fl.hospitals`). With node config `outbox=DIR`
 the hospital keeps a copy of every adapter it sent (`DIR/round-NNN.safetensors`) for its own audit.
+Under secure aggregation `secagg_mod` wraps the train handler: it answers the SecAgg+ stages and
+sends only the masked update (`federimed.fl.secagg`); the outbox then holds the adapter it was made from.
+In a DP run `clip_when_asked` (`federimed.fl.dp`) clips the update to the server's bound before it leaves;
+the outbox holds the adapter before clipping.
 """
 
 from __future__ import annotations
@@ -13,17 +17,23 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from peft import PeftModel
-from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerBase
 
 from federimed.config import RunSettings
+from federimed.fl.dp import clip_when_asked
 from federimed.fl.hospitals import OUTBOX_KEY, node_hospital
+from federimed.fl.secagg import secagg_mod
 from federimed.fl.strategy import HOSPITAL_RECORD
-from federimed.model import add_lora, adapter_state, load_adapter_state, load_base
-from federimed.training import Example, encode_dialogues, evaluate_loss, load_dialogues, train_local
+
+if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower starts a process per message, and
+    # the SecAgg+ protocol stages need none of them
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from federimed.training import Example
 
 SETTINGS_KEY = "settings"
 """Key in the message ConfigRecord holding RunSettings as JSON."""
@@ -34,6 +44,8 @@ app = ClientApp()
 @lru_cache(maxsize=1)
 def _model(model_json: str, lora_json: str, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a LoRA adapter, loaded once per process (the adapter is overwritten per message)."""
+    from federimed.model import add_lora, load_base
+
     settings = RunSettings.model_validate({"model": json.loads(model_json), "lora": json.loads(lora_json)})
     base, tokenizer = load_base(settings.model)
     return add_lora(base, settings.lora, seed=seed), tokenizer
@@ -42,11 +54,15 @@ def _model(model_json: str, lora_json: str, seed: int) -> tuple[PeftModel, PreTr
 @lru_cache(maxsize=4)
 def _examples(path: Path, mtime_ns: int, seq_len: int, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
     """Tokenised dialogues of one file (cached while the file is unchanged)."""
+    from federimed.training import encode_dialogues, load_dialogues
+
     return encode_dialogues(tokenizer, load_dialogues(path), seq_len)
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunSettings, Path, PeftModel, PreTrainedTokenizerBase]:
     """Settings from the server, this node's hospital, and the model holding the received global adapter."""
+    from federimed.model import load_adapter_state
+
     settings = RunSettings.model_validate_json(str(msg.content["config"][SETTINGS_KEY]))
     hospital = node_hospital(context.node_config)
     model, tokenizer = _model(settings.model.model_dump_json(), settings.lora.model_dump_json(), settings.train.seed)
@@ -68,9 +84,14 @@ def _reply(msg: Message, hospital: Path, metrics: dict[str, float], arrays: Arra
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter for `local-steps` on this hospital's train.jsonl; reply the adapter."""
+    from safetensors.torch import save_file
+
+    from federimed.model import adapter_state
+    from federimed.training import train_local
+
     settings, hospital, model, tokenizer = _setup(msg, context)
     config = msg.content["config"]
     server_round, total_rounds = int(config["server-round"]), int(config["total-rounds"])
@@ -105,6 +126,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this hospital's heldout.jsonl (mean loss per answer token)."""
+    from federimed.training import evaluate_loss
+
     settings, hospital, model, tokenizer = _setup(msg, context)
     examples = _load(hospital / "heldout.jsonl", settings, tokenizer)
     loss, tokens = evaluate_loss(model, examples, settings.eval_batch_size)

@@ -209,7 +209,7 @@ def start_superlink(
         "--host", host, "--port", str(port), "--disable-runtime-dependency-installation",
     ]
     process = start("superlink", argv, log=log, env=flower_env(flwr_home))
-    wait_for_port(process, host if host != "0.0.0.0" else LOOPBACK, port)
+    _await_port(process, host if host != "0.0.0.0" else LOOPBACK, port)
     return process
 
 
@@ -252,8 +252,17 @@ def start_supernode(
     limit = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     process = start(name, argv, log=log, env=flower_env(flwr_home, limit))
     if wait:
-        wait_for_port(process, LOOPBACK, port)
+        _await_port(process, LOOPBACK, port)
     return process
+
+
+def _await_port(process: FlowerProcess, host: str, port: int) -> None:
+    """`wait_for_port`, stopping the process (and its children) when it does not come up."""
+    try:
+        wait_for_port(process, host, port)
+    except FlowerProcessError:
+        process.stop()
+        raise
 
 
 def add_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
@@ -310,11 +319,13 @@ def federate_on_loopback(
     options: ServerOptions,
     app_dir: Path,
     on_round: Callable[[dict], None] | None = None,
+    tls: TlsFiles | None = None,
 ) -> Path:
     """Run a whole federation on this machine: a SuperLink, one SuperNode per hospital and `flwr run`.
 
     Each SuperNode trains on its own hospital directory (node config `data-path`), exactly as in a real
-    deployment. `on_round` gets each round's metrics.json as its checkpoint appears. Logs and FLWR_HOME
+    deployment. `on_round` gets each round's metrics.json as its checkpoint appears. With `tls` every
+    connection is TLS (SuperNodes and `flwr run` verify the SuperLink with its CA). Logs and FLWR_HOME
     live in RUNS_DIR/.flower/local/. Returns the run directory; every process is stopped on the way out.
     """
     home = options.runs_dir / ".flower" / "local"
@@ -324,14 +335,16 @@ def federate_on_loopback(
     shown: set[Path] = set()
     try:
         port = free_port()
-        processes.append(start_superlink(port=port, flwr_home=home, log=home / "superlink.log"))
-        add_connection(home, "hospitals", f"{LOOPBACK}:{port}")
+        processes.append(start_superlink(port=port, flwr_home=home, log=home / "superlink.log", tls=tls))
+        ca = tls.ca_cert if tls else None
+        add_connection(home, "hospitals", f"{LOOPBACK}:{port}", root_certificates=ca)
         threads = max(1, (os.cpu_count() or 1) // len(hospitals))  # the hospitals share this machine's cores
         for hospital in hospitals:
             processes.append(
                 start_supernode(
                     name=f"hospital {hospital.name}", superlink=f"{LOOPBACK}:{port}", data_path=hospital,
                     port=free_port(), flwr_home=home, log=home / f"{hospital.name}.log", threads=threads,
+                    root_certificates=ca,
                 )
             )
         config = write_run_config(home / "run-config.toml", options.to_run_config())

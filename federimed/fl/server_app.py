@@ -4,6 +4,9 @@
 `federimed.fl.settings`). Each round: every connected hospital trains from the global adapter, the replies are
 averaged (weighted by num-examples), the hospitals score the new adapter on their held-out dialogues,
 and `runs/<run>/round-N/` is saved (adapter + metrics.json with the per-hospital ledger and drop-outs).
+With `secagg`, the training replies are summed by SecAgg+ (`federimed.fl.secagg`): the server never
+sees a single hospital's update, only the weighted sum. With `dp`, Flower's DP wrapper (`federimed.fl.dp`)
+noises the mean of the clipped updates and each round's metrics.json records ε at δ.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from federimed.checkpoints import RunDir, new_run, plot_losses, resume_state, save_round
+from federimed.checkpoints import RunDir, new_run, plot_losses, resume_state, round_metrics, save_round
 from federimed.config import RunSettings
 from federimed.fl.client_app import SETTINGS_KEY
+from federimed.fl.dp import private_strategy
+from federimed.fl.secagg import secure_grid
 from federimed.fl.settings import ServerOptions
 from federimed.fl.strategy import AdapterFedAvg, RoundLog
 from federimed.model import adapter_state, add_lora, load_base
@@ -55,13 +60,17 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
         return run.path if run else None
     strategy = AdapterFedAvg(
         hospitals=options.hospitals,
-        min_hospitals=options.min_hospitals,
+        min_hospitals=max(options.min_hospitals, 2) if options.secagg else options.min_hospitals,
         fraction_evaluate=options.fraction_evaluate,
         first_round=first,
-        max_update_norm=options.max_update_norm,
+        max_update_norm=0.0 if options.secagg else options.max_update_norm,  # SecAgg+: hospitals check it
         aggregator=options.aggregator,
         trim_fraction=options.trim_fraction,
+        secure=options.secagg,
     )
+    if options.secagg:
+        grid = secure_grid(grid, options)
+    private = private_strategy(strategy, options, round_metrics(run.path) if run else [], run.id if run else "")
     train_config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds})
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -75,11 +84,12 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
         if run is None:
             counts = {name: h.num_examples for name, h in entry.hospitals.items() if h.train_loss is not None}
             run = new_run(options.runs_dir, settings, "federated", counts)
-        path = save_round(run, entry.round, arrays.to_torch_state_dict(), entry.to_json())
+        metrics = entry.to_json() | (private.released[entry.round].to_json() if private else {})
+        path = save_round(run, entry.round, arrays.to_torch_state_dict(), metrics)
         _log_round(entry, settings.rounds, path)
         return None
 
-    strategy.start(
+    (private or strategy).start(
         grid=grid,
         initial_arrays=ArrayRecord(state),
         num_rounds=remaining,

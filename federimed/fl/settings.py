@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
 
@@ -72,6 +72,52 @@ class ServerOptions(BaseModel):
     trim_fraction: float = Field(
         0.34, gt=0, lt=0.5, description="share trimmed at each end by trimmed-mean [trim-fraction]"
     )
+    dp: bool = Field(False, description="hospital-level differential privacy: clip, noise, account ε [dp]")
+    dp_noise_multiplier: float = Field(
+        1.0, gt=0, description="noise std / clip bound on the sum of updates (σ) [dp-noise-multiplier]"
+    )
+    dp_clip: float = Field(1.0, gt=0, description="L2 bound on each hospital's update per round [dp-clip]")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is reported [dp-delta]")
+    secagg: bool = Field(False, description="secure aggregation (SecAgg+): the server sees only the sum [secagg]")
+    secagg_num_shares: float = Field(
+        1.0, gt=0, le=1, description="share of a round's hospitals each secret is split among [secagg-num-shares]"
+    )
+    secagg_reconstruction_threshold: float = Field(
+        0.67, gt=0, le=1,
+        description="share of those shares that rebuilds a secret, at least 2 [secagg-reconstruction-threshold]",
+    )
+    secagg_max_weight: float = Field(
+        1000.0, gt=0, description="num-examples that weighs 1 in the quantised sum [secagg-max-weight]"
+    )
+    secagg_clipping_range: float = Field(
+        1.0, gt=0, description="clip (num-examples/max-weight)·update to ±this [secagg-clipping-range]"
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, description="levels each clipped value is rounded to [secagg-quantization-range]"
+    )
+
+    @model_validator(mode="after")
+    def _dp_needs_a_mean(self) -> ServerOptions:
+        if self.dp and self.aggregator != "fedavg":
+            raise ValueError(
+                f"dp needs aggregator 'fedavg' (the noise is calibrated to a mean), not {self.aggregator!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_needs_a_sum(self) -> ServerOptions:
+        if not self.secagg:
+            return self
+        if self.aggregator != "fedavg":
+            raise ValueError(f"secagg yields only the sum of the updates: aggregator must be 'fedavg', not "
+                             f"{self.aggregator!r}")
+        if self.hospitals < 2:
+            raise ValueError(f"secagg needs at least 2 hospitals (the sum of one update is that update), "
+                             f"got hospitals={self.hospitals}")
+        if self.hospitals * self.secagg_quantization_range >= 2**32:
+            raise ValueError(f"secagg-quantization-range {self.secagg_quantization_range} is too large for "
+                             f"{self.hospitals} hospitals: their sum must stay below 2^32")
+        return self
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> ServerOptions:

@@ -66,6 +66,8 @@ class RoundLog:
     """Hospital → why it could not score the new global adapter."""
     train_loss: float | None = None
     heldout_loss: float | None = None
+    secure_aggregation: bool = False
+    """Whether SecAgg+ summed the updates (the server saw no single hospital's update)."""
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
 
@@ -95,6 +97,8 @@ class AdapterFedAvg(FedAvg):
     from 1): `server-round` in the train config and all ledger entries use the run's round numbers.
     Replies whose update norm exceeds `max_update_norm` (0: no bound) or that are malformed are rejected;
     `aggregator` is "fedavg", "trimmed-mean" (trimming `trim_fraction` at each end) or "median".
+    `secure`: the replies come from a `federimed.fl.secagg.SecAggGrid` and all carry the SecAgg+ aggregate,
+    so no per-hospital update norm exists (the hospitals check their own bound) and none is recorded.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class AdapterFedAvg(FedAvg):
         max_update_norm: float = 0.0,
         aggregator: str = "fedavg",
         trim_fraction: float = 0.34,
+        secure: bool = False,
     ) -> None:
         if not 1 <= min_hospitals <= hospitals:
             raise ValueError(f"min_hospitals must be between 1 and hospitals ({hospitals}), got {min_hospitals}")
@@ -118,6 +123,7 @@ class AdapterFedAvg(FedAvg):
             min_available_nodes=hospitals,
         )
         self.offset = first_round - 1
+        self.secure = secure
         self.rounds: dict[int, RoundLog] = {}
         self.names: dict[int, str] = {}
         self._sampled: dict[int, int] = {}  # node id -> bytes sent, for the round in flight
@@ -148,7 +154,7 @@ class AdapterFedAvg(FedAvg):
         number = self.run_round(server_round)
         messages = list(super().configure_train(number, arrays, config, grid))
         self.min_available_nodes = self.min_train_nodes  # only round 1 waits for every hospital
-        self.rounds[number] = RoundLog(round=number)
+        self.rounds[number] = RoundLog(round=number, secure_aggregation=self.secure)
         self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
         self.screen.set_global(arrays)
         self._sent = messages
@@ -176,12 +182,12 @@ class AdapterFedAvg(FedAvg):
                 hospital=name,
                 node_id=node,
                 bytes_sent=self._sampled.get(node, 0),
-                bytes_received=_array_bytes(reply),
+                bytes_received=int(metrics["bytes"]) if self.secure else _array_bytes(reply),  # masked upload
                 train_loss=float(metrics["train_loss"]),
                 num_examples=int(metrics["num-examples"]),
                 tokens=int(metrics["tokens"]),
                 seconds=float(metrics["seconds"]),
-                update_norm=screened.norms[name],
+                update_norm=None if self.secure else screened.norms[name],
             )
         for node in self._sampled.keys() - answered:
             self._drop(entry, node, "no reply before the round timeout")
