@@ -65,7 +65,7 @@ def random_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     return save_adapter(tmp_path_factory.mktemp("random-runs"), peft_model)
 
 
@@ -254,10 +254,10 @@ def test_fast_logits_match_the_reference_with_and_without_an_adapter(
         return max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b))
 
     adapter_effect = gap(ref_lora, ref_base)
-    assert adapter_effect > 0.05, "the random adapter must change the logits for this test to mean anything"
+    assert adapter_effect > 0.08, "the random adapter must change the logits for this test to mean anything"
     assert gap(fast_base, ref_base) < 0.05, "quantised llama.cpp stays close to the de-quantised reference"
     assert gap(fast_lora, ref_lora) < 0.05
-    assert gap(fast_lora, ref_lora) < adapter_effect / 4
+    assert gap(fast_lora, ref_lora) < adapter_effect / 3
     for fast, ref in zip(fast_base + fast_lora, ref_base + ref_lora):
         assert int(fast.argmax()) == int(ref.argmax())
 

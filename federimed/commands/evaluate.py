@@ -49,7 +49,7 @@ def evaluate(
 ) -> None:
     """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
     ROUGE-L, held-out loss, with 95 % bootstrap CIs; writes RUN/eval/report.{md,json} and plots."""
-    from federimed.checkpoints import CheckpointError
+    from federimed.checkpoints import CheckpointError, latest_round
     from federimed.evaluation.compare import evaluate_contenders, f1_per_round, find_contenders, vocabulary
     from federimed.evaluation.report import build_report, rich_table, write_report
     from federimed.evaluation.runner import load_heldout
@@ -83,7 +83,9 @@ def evaluate(
         if external:
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
             external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
-        per_round = f1_per_round(federated, cases, vocab, settings, max_new_tokens=max_new_tokens) if rounds else []
+        last = latest_round(federated.path)
+        known = {last[0]: s.summary()["drug_f1"]["mean"] for s in scores if s.model == "federated" and not s.retrieval}
+        per_round = f1_per_round(federated, cases, vocab, settings, known, max_new_tokens=max_new_tokens) if rounds else []
     report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, missing=missing)
     path = write_report(report, federated.path / "eval")
     console.print(rich_table(report))

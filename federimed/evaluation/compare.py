@@ -131,14 +131,23 @@ def evaluate_contenders(
 
 
 def f1_per_round(
-    federated: RunDir, cases: Sequence[HeldoutCase], vocab: DrugVocabulary, settings: ModelSettings, **kwargs: Any
+    federated: RunDir,
+    cases: Sequence[HeldoutCase],
+    vocab: DrugVocabulary,
+    settings: ModelSettings,
+    known: dict[int, float] | None = None,
+    **kwargs: Any,
 ) -> list[dict[str, float]]:
-    """Pooled drug F1 (no retrieval) of the global adapter after each federated round."""
+    """Pooled drug F1 (no retrieval) of the global adapter after each federated round; rounds in `known`
+    (round → F1, e.g. the last one, already scored as "federated") are not generated again."""
     from federimed.serving.select import load_engine
 
     rows = []
     for metrics in round_metrics(federated.path):
         n = int(metrics["round"])
+        if known and n in known:
+            rows.append({"round": n, "drug_f1": known[n]})
+            continue
         engine = load_engine(settings, federated.path / f"round-{n}")
         scores = score_model(f"round-{n}", engine, cases, vocab, **kwargs)
         rows.append({"round": n, "drug_f1": scores.summary()["drug_f1"]["mean"]})
