@@ -63,11 +63,16 @@ def load_base(settings: ModelSettings) -> tuple[PreTrainedModel, PreTrainedToken
     """
     source = resolve_base(settings)
     if isinstance(source, Path) and source.suffix == ".gguf":
-        name = DEFAULT_BASE if settings.base == DEFAULT_BASE else source.stem
-        source = cached_gguf(source, cache_root() / "models" / name)
+        source = dequantised_copy(settings, source)
     device, dtype = placement(settings)
     model, tokenizer = _from_pretrained(str(source), dtype=dtype)
     return model.to(device), tokenizer
+
+
+def dequantised_copy(settings: ModelSettings, gguf: Path) -> Path:
+    """The cache folder holding the GGUF base of `settings` de-quantised (`<cache>/models/<name>/`), made once."""
+    name = DEFAULT_BASE if settings.base == DEFAULT_BASE else gguf.stem
+    return cached_gguf(gguf, cache_root() / "models" / name)
 
 
 def cached_gguf(gguf: Path, cache_dir: Path) -> Path:

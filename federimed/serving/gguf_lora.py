@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 
 from federimed.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from federimed.config import DEFAULT_BASE, ModelSettings, cache_root
+from federimed.config import ModelSettings, cache_root
 
 EXPORT_FORMAT = 1
 """Part of the fingerprint: bump when the exported file would change for the same checkpoint."""
@@ -64,13 +64,12 @@ class BaseLayout:
 def served_base(settings: ModelSettings) -> tuple[Path, Path]:
     """The base GGUF file llama.cpp runs and its de-quantised Hugging Face copy (config, tokenizer,
     shapes), made once as `federimed.model.load_base` makes it."""
-    from federimed.model import cached_gguf, resolve_base
+    from federimed.model import dequantised_copy, resolve_base
 
     base = resolve_base(settings)
     if not isinstance(base, Path) or base.suffix != ".gguf":
         raise ExportError(f"base model {settings.base!r} is not a GGUF file: llama.cpp serves GGUF base models only")
-    name = DEFAULT_BASE if settings.base == DEFAULT_BASE else base.stem
-    return base, cached_gguf(base, cache_root() / "models" / name)
+    return base, dequantised_copy(settings, base)
 
 
 def fingerprint(adapter_dir: Path, base_gguf: Path) -> str:
