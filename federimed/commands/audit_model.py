@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
         them. Each canary's exposure (Carlini et al., The Secret Sharer) is measured in the base model and in
         both audit models; report.md and report.json land in RUNS_DIR/RUN/audit/<stamp>/.
         """
-        from federimed.commands.train import _federate
+        from federimed.commands.train import federate_with_progress
         from federimed.fl.hospitals import HospitalDataError, ingested_hospitals
         from federimed.memorisation.canaries import (
             CanaryError,
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
             for name, options in federations.items():
                 console.rule(f"audit federation {name}")
                 tick = time.perf_counter()
-                trained[name] = _federate(copies_dirs, options)
+                trained[name] = federate_with_progress(copies_dirs, options)
                 _mark_audit_run(trained[name], {"of_run": run, "model": name, "canaries_in": target,
                                                 "canaries": str(folder / "canaries.json")})
                 seconds[f"train {name}"] = time.perf_counter() - tick

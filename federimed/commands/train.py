@@ -130,7 +130,7 @@ def _server_options(**fields):
         raise fail("invalid federation options: " + "; ".join(problems)) from None
 
 
-def _federate(hospitals: list[Path], options) -> Path:
+def federate_with_progress(hospitals: list[Path], options) -> Path:
     """Run the federation on loopback (SuperLink + one SuperNode per hospital), one table per round."""
     from federimed.fl.deployment import FlowerProcessError, federate_on_loopback
 
@@ -219,7 +219,7 @@ def train(
             secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
             secagg_quantization_range=secagg_quantization_range,
         )
-        run_path = _federate(found, options)
+        run_path = federate_with_progress(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
 
 
