@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the `ingest` package, not bench/ingest.py next to this script
 SHARED = Path(os.environ.get("FEDERIMED_SHARED_DATA", REPO.parent / "shared" / "data" / "synthea"))
-from federimed.commands.demo import PROFILES  # noqa: E402 (after the path fix above)
+from federimed.commands.demo import PROFILES  # after the path fix above
 
 DEMO = PROFILES["default"]
 SAMPLES = {"ma-2025-csv": "ma-2025/csv", "ne-2023-csv": "ne-2023/csv", "ma-2025-fhir": "ma-2025/fhir"}

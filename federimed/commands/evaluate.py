@@ -83,8 +83,8 @@ def evaluate(
         if external:
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
             external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
-        last = latest_round(federated.path)
-        known = {last[0]: s.summary()["drug_f1"]["mean"] for s in scores if s.model == "federated" and not s.retrieval}
+        plain = next((s for s in scores if s.model == "federated" and not s.retrieval), None)
+        known = {latest_round(federated.path)[0]: plain.summary()["drug_f1"]["mean"]} if plain else {}
         per_round = f1_per_round(federated, cases, vocab, settings, known, max_new_tokens=max_new_tokens) if rounds else []
     report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, missing=missing)
     path = write_report(report, federated.path / "eval")
