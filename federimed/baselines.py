@@ -7,7 +7,8 @@ Same budget: a federated run of R rounds over H hospitals does `local_steps` (L)
   every L steps.
 Either way there are R checkpoints, and checkpoint N has seen as many dialogues as federated round N (per
 hospital for local-only), with the cosine schedule spanning the whole run. As in a federated round, each
-checkpoint's chunk starts a fresh optimizer. Every checkpoint records held-out loss on each hospital.
+checkpoint's chunk starts a fresh optimizer. The last checkpoint records held-out loss on each hospital's
+held-out sample (`RunSettings.heldout_sample`, the same dialogues the federated hospitals score).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _run(
     for hospital, examples in train.items():
         if not examples:
             raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {Path(data_dir) / hospital}")
-    heldout = {h: encode_dialogues(tokenizer, d, seq_len) for h, d in heldout_dialogues.items()}
+    heldout = {h: settings.heldout_sample(encode_dialogues(tokenizer, d, seq_len)) for h, d in heldout_dialogues.items()}
     pooled = [e for examples in train.values() for e in examples]
     run = new_run(runs_dir, settings, mode, {h: len(e) for h, e in train.items()})
     log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)

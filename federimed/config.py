@@ -102,3 +102,11 @@ class RunSettings(_Settings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     rounds: int = Field(3, ge=1, description="federated rounds (baselines checkpoint as often)")
     eval_batch_size: int = Field(8, ge=1, description="dialogues per batch when scoring held-out loss")
+    heldout_max_dialogues: int = Field(
+        24, ge=0, description="held-out dialogues scored per hospital at each checkpoint: the first N of its "
+        "heldout.jsonl, the same N for federated and baseline runs (0: all)"
+    )
+
+    def heldout_sample(self, examples: list) -> list:
+        """The held-out dialogues a checkpoint is scored on (`heldout_max_dialogues`)."""
+        return examples[: self.heldout_max_dialogues] if self.heldout_max_dialogues else examples

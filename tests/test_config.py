@@ -43,3 +43,10 @@ def test_assignment_is_validated_too():
     settings = TrainSettings()
     with pytest.raises(ValidationError, match="batch_size"):
         settings.batch_size = 0
+
+
+def test_heldout_sample_is_the_first_n_dialogues_and_zero_means_all():
+    assert RunSettings(heldout_max_dialogues=2).heldout_sample([5, 6, 7]) == [5, 6]
+    assert RunSettings(heldout_max_dialogues=0).heldout_sample([5, 6, 7]) == [5, 6, 7]
+    with pytest.raises(ValidationError):
+        RunSettings(heldout_max_dialogues=-1)

@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV, HospitalDataError, check_hospital, node_hospital
 from federimed.fl.settings import ServerOptions, run_settings, to_run_config
 from federimed.fl.strategy import HOSPITAL_RECORD, AdapterFedAvg
+from federimed.fl.transport import unpack_content
 from fl_support import make_hospital, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,8 @@ def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path) -> None:
     context = Context(run_id=1, node_id=5, node_config={"data-path": str(hospital)}, state=RecordDict(), run_config={})
     reply = client_app.app(message, context)
 
-    arrays = reply.content["arrays"]
+    assert list(reply.content["arrays"].keys()) == ["packed"]  # on the wire: one array of the adapter's bytes
+    arrays = unpack_content(reply.content)["arrays"]  # what the server's PackedGrid hands the strategy
     assert set(arrays) == set(start) and all("lora_" in key for key in arrays)
     base_keys = set(load_base(settings.model)[0].state_dict())
     assert not base_keys & {k.replace(".lora_A", "").replace(".lora_B", "") for k in arrays}

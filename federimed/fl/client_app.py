@@ -5,6 +5,7 @@ MetricRecord (train_loss, num-examples, tokens, seconds, bytes) and the hospital
 The server sends the run's settings (JSON of RunSettings) in the message's ConfigRecord; the data
 directory comes from this node only (see `federimed.fl.hospitals`). With node config `outbox=DIR`
 the hospital keeps a copy of every adapter it sent (`DIR/round-NNN.safetensors`) for its own audit.
+Adapters travel packed into one array each way (`packed_transport`, `federimed.fl.transport`).
 Under secure aggregation `secagg_mod` wraps the train handler: it answers the SecAgg+ stages and
 sends only the masked update (`federimed.fl.secagg`); the outbox then holds the adapter it was made from.
 In a DP run `clip_when_asked` (`federimed.fl.dp`) clips the update to the server's bound before it leaves;
@@ -27,6 +28,7 @@ from federimed.fl.dp import clip_when_asked
 from federimed.fl.hospitals import OUTBOX_KEY, node_hospital
 from federimed.fl.secagg import secagg_mod
 from federimed.fl.strategy import HOSPITAL_RECORD
+from federimed.fl.transport import packed_transport
 
 if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower starts a process per message, and
     # the SecAgg+ protocol stages need none of them
@@ -84,7 +86,7 @@ def _reply(msg: Message, hospital: Path, metrics: dict[str, float], arrays: Arra
     return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[secagg_mod, clip_when_asked])
+@app.train(mods=[packed_transport, secagg_mod, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter for `local-steps` on this hospital's train.jsonl; reply the adapter."""
     from safetensors.torch import save_file
@@ -123,12 +125,12 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, hospital, metrics, arrays)
 
 
-@app.evaluate()
+@app.evaluate(mods=[packed_transport])
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received global adapter on this hospital's heldout.jsonl (mean loss per answer token)."""
+    """Score the received global adapter on this hospital's held-out sample (mean loss per answer token)."""
     from federimed.training import evaluate_loss
 
     settings, hospital, model, tokenizer = _setup(msg, context)
-    examples = _load(hospital / "heldout.jsonl", settings, tokenizer)
+    examples = settings.heldout_sample(_load(hospital / "heldout.jsonl", settings, tokenizer))
     loss, tokens = evaluate_loss(model, examples, settings.eval_batch_size)
     return _reply(msg, hospital, {"heldout_loss": loss, "num-examples": len(examples), "tokens": tokens})

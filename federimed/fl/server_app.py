@@ -4,6 +4,7 @@
 `federimed.fl.settings`). Each round: every connected hospital trains from the global adapter, the replies are
 averaged (weighted by num-examples), the hospitals score the new adapter on their held-out dialogues,
 and `runs/<run>/round-N/` is saved (adapter + metrics.json with the per-hospital ledger and drop-outs).
+Adapters travel packed into one array each way (`federimed.fl.transport`).
 With `secagg`, the training replies are summed by SecAgg+ (`federimed.fl.secagg`): the server never
 sees a single hospital's update, only the weighted sum. With `dp`, Flower's DP wrapper (`federimed.fl.dp`)
 noises the mean of the clipped updates and each round's metrics.json records ε at δ.
@@ -24,6 +25,7 @@ from federimed.fl.dp import private_strategy
 from federimed.fl.secagg import secure_grid
 from federimed.fl.settings import ServerOptions
 from federimed.fl.strategy import AdapterFedAvg, RoundLog
+from federimed.fl.transport import PackedGrid
 from federimed.model import adapter_state, add_lora, load_base
 
 log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with Flower's own logs
@@ -130,5 +132,5 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation with the options in the run config."""
-    federate(grid, ServerOptions.from_run_config(context.run_config))
+    """Run the federation with the options in the run config (adapters packed for transport)."""
+    federate(PackedGrid(grid), ServerOptions.from_run_config(context.run_config))

@@ -1,6 +1,6 @@
 """Flower run config (flat kebab-case keys, `--run-config "local-steps=2"`) ↔ FederiMed's pydantic settings.
 
-Keys mirror the settings' fields: `num-server-rounds` (rounds), `eval-batch-size`, the TrainSettings
+Keys mirror the settings' fields: `num-server-rounds` (rounds), `eval-batch-size`, `heldout-max-dialogues`, the TrainSettings
 fields (`local-steps`, `batch-size`, `seq-len`, `lr`, ...), `lora-<field>` and `model-<field>`
 (`lora-target-modules` is a comma-separated list or `all-linear`). Server-only options (`hospitals`,
 `runs-dir`, ...) live in `ServerOptions`.
@@ -23,7 +23,7 @@ _SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {
     "lora": ("lora-", LoraSettings),
     "train": ("", TrainSettings),
 }
-_TOP = {"num-server-rounds": "rounds", "eval-batch-size": "eval_batch_size"}
+_TOP = {"num-server-rounds": "rounds", "eval-batch-size": "eval_batch_size", "heldout-max-dialogues": "heldout_max_dialogues"}
 
 
 def _key(prefix: str, field: str) -> str:
