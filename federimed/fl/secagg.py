@@ -51,6 +51,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from federimed.fl.grid_wrapper import GridWrapper
 from federimed.fl.strategy import HOSPITAL_RECORD
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class _SecureRound(LegacyStrategy):
         return None
 
 
-class SecAggGrid(Grid):
+class SecAggGrid(GridWrapper):
     """A Grid whose training rounds run through SecAgg+; everything else goes to the wrapped Grid.
 
     `num_shares` (share of the round's hospitals each secret is split among) and
@@ -165,7 +166,7 @@ class SecAggGrid(Grid):
         equal_weights: bool = False,
         timeout: float | None = None,
     ) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.max_update_norm = max_update_norm
         self.equal_weights = equal_weights
         self.workflow = SecAggPlusWorkflow(
@@ -173,27 +174,6 @@ class SecAggGrid(Grid):
             max_weight=max_weight, clipping_range=clipping_range, quantization_range=quantization_range,
             modulus_range=MODULUS, timeout=timeout,
         )
-
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Training instructions: one SecAgg+ round; anything else: the wrapped Grid's send_and_receive."""

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.serverapp import Grid
+
+from federimed.fl.grid_wrapper import GridWrapper
 
 LAYOUT_RECORD = "packed-layout"
 """ConfigRecord naming each packed ArrayRecord and the layout of its arrays (JSON)."""
@@ -90,26 +91,8 @@ def packed_transport(msg: Message, context: Context, call_next: ClientAppCallabl
     return reply
 
 
-class PackedGrid(Grid):
+class PackedGrid(GridWrapper):
     """A Grid that packs the ArrayRecords of the messages it sends and unpacks those of the replies."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-
-    def set_run(self, run_id: int) -> None:
-        self.grid.set_run(run_id)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages([_packed(m) for m in messages])
