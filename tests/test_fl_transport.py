@@ -111,3 +111,32 @@ def test_packed_grid_and_mod_carry_one_array_each_way_and_hand_the_keyed_adapter
     expected = ArrayRecord({k: Array(v.numpy() + 1) for k, v in sent.items()})
     assert _same(reply.content["arrays"], expected)
     assert reply.content["metrics"]["num-examples"] == 4
+
+
+def test_a_reply_that_cannot_be_unpacked_stays_packed_and_the_update_screen_rejects_it(task_identity):
+    from federimed.fl.validation import ReplyRejected, ReplyScreen
+
+    def broken(msg: Message, context: Context) -> Message:
+        packed, layout = pack(msg.content["arrays"])
+        truncated = ArrayRecord({"packed": Array(packed["packed"].numpy()[:-8].copy())})
+        content = RecordDict({"arrays": truncated, LAYOUT_RECORD: ConfigRecord({"arrays": layout}),
+                              "metrics": MetricRecord({"num-examples": 4})})
+        return Message(content, reply_to=msg)
+
+    class RawWire(WireGrid):  # the hospital's reply goes out as it made it, bypassing the mod's packing
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for message in messages:
+                message.content = unpack_content(message.content)
+                replies.append(self.handler(message, Context(0, 1, {}, RecordDict(), {})))
+            return replies
+
+    sent = _adapter(2)
+    [reply] = PackedGrid(RawWire(broken)).send_and_receive(
+        [Message(RecordDict({"arrays": sent}), dst_node_id=1, message_type=MessageType.TRAIN)]
+    )
+    assert list(reply.content["arrays"].keys()) == ["packed"]
+    screen = ReplyScreen()
+    screen.set_global(sent)
+    with pytest.raises(ReplyRejected, match="adapter keys differ"):
+        screen.check(reply.content)

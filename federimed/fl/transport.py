@@ -12,6 +12,7 @@ DP, SecAgg+ and checkpoints only ever see the keyed adapter.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -23,6 +24,8 @@ from federimed.fl.grid_wrapper import GridWrapper
 LAYOUT_RECORD = "packed-layout"
 """ConfigRecord naming each packed ArrayRecord and the layout of its arrays (JSON)."""
 PACKED_KEY = "packed"
+
+log = logging.getLogger("flwr").getChild("federimed")
 
 
 class PackingError(ValueError):
@@ -112,6 +115,12 @@ def _packed(message: Message) -> Message:
 
 
 def _unpacked(message: Message) -> Message:
+    """The reply with its adapter restored; one that cannot be restored stays packed, so the strategy's
+    update screening rejects it (its keys differ from the adapter's) and the round goes on without it."""
     if message.has_content():
-        message.content = unpack_content(message.content)
+        try:
+            message.content = unpack_content(message.content)
+        except (PackingError, ValueError, TypeError, KeyError) as err:
+            log.warning("reply from node %s cannot be unpacked, left packed for rejection: %s",
+                        message.metadata.src_node_id, err)
     return message
