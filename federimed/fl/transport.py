@@ -120,7 +120,7 @@ def _unpacked(message: Message) -> Message:
     if message.has_content():
         try:
             message.content = unpack_content(message.content)
-        except (PackingError, ValueError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError) as err:  # PackingError is a ValueError
             log.warning("reply from node %s cannot be unpacked, left packed for rejection: %s",
                         message.metadata.src_node_id, err)
     return message
