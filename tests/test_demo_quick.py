@@ -46,7 +46,7 @@ def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
     expected = {"base", "federated", "centralized"} | {f"local:{h}" for h in report["hospitals"]}
     assert labels == {(name, rag) for name in expected for rag in (False, True)}
     assert report["cases"] > 0 and not report["missing"]
-    assert [r["round"] for r in report["f1_per_round"]] == [1, 2]
+    assert [r["round"] for r in report["f1_per_round"]] == [0, 1]  # the base model, then the one round
     assert len(report["examples"]) >= 1
     pooled_n = {m["pooled"]["n"] for m in report["models"]}
     assert pooled_n == {report["cases"]}

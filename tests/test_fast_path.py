@@ -20,7 +20,7 @@ from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSett
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import set_scores
 from federimed.evaluation.runner import generate_batch
-from federimed.model import add_lora, load_base, load_for_inference
+from federimed.model import add_lora, load_base, load_for_inference, resolve_base
 from federimed.serving import gguf_lora, select
 from federimed.serving.backend import TransformersEngine, prompt_ids
 from federimed.serving.gguf_lora import (
@@ -29,6 +29,7 @@ from federimed.serving.gguf_lora import (
     served_base,
     stored_fingerprint,
 )
+from federimed.serving.requantise import served_copy
 from federimed.training import encode_dialogues, train_local
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -92,7 +93,7 @@ def test_permutation_maps_hugging_face_q_k_rows_to_the_gguf_layout() -> None:
     """The de-quantised HF weights, row-permuted, equal the GGUF's own q/k weights: the same permutation
     must apply to lora_B."""
     model, _ = load_base(SETTINGS)
-    reader = gguf.GGUFReader(BASE_GGUF)
+    reader = gguf.GGUFReader(resolve_base(SETTINGS))
     tensors = {t.name: t for t in reader.tensors}
     attention = model.model.layers[3].self_attn
     for name, hf_weight, heads in (("blk.3.attn_q.weight", attention.q_proj.weight, 9), ("blk.3.attn_k.weight", attention.k_proj.weight, 3)):
@@ -101,6 +102,34 @@ def test_permutation_maps_hugging_face_q_k_rows_to_the_gguf_layout() -> None:
         hf = hf_weight.detach().numpy()
         assert not np.allclose(hf, stored), "q/k rows are stored permuted in the GGUF"
         np.testing.assert_allclose(permute_rows(hf, heads), stored, atol=1e-6)
+
+
+def test_served_base_re_encodes_4_bit_tensors_as_q8_0_once(tmp_path: Path) -> None:
+    """Q4_1 tensors come back as Q8_0 holding the same weights to within Q8_0's step; everything else
+    (metadata, other tensors) unchanged; a second call reuses the copy."""
+    source = resolve_base(SETTINGS)
+    served = served_copy(source, tmp_path)
+    assert served.name.endswith(".Q8_0.gguf") and served.parent == tmp_path
+    original, copy = gguf.GGUFReader(source), gguf.GGUFReader(served)
+    assert {n: f.contents() for n, f in original.fields.items() if not n.startswith("GGUF.")} == {
+        n: f.contents() for n, f in copy.fields.items() if not n.startswith("GGUF.")
+    }
+    recoded = 0
+    for before, after in zip(original.tensors, copy.tensors, strict=True):
+        assert (before.name, list(before.shape)) == (after.name, list(after.shape))
+        if before.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            assert after.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            weights = gguf.quants.dequantize(before.data, before.tensor_type)
+            blocks = np.abs(weights).reshape(-1, 32).max(axis=1, keepdims=True)
+            error = np.abs(gguf.quants.dequantize(after.data, after.tensor_type) - weights).reshape(-1, 32)
+            assert (error <= 0.6 * blocks / 127).all()  # half a step, plus the fp16 rounding of the scale
+            recoded += 1
+        else:
+            assert after.tensor_type == before.tensor_type
+            assert np.array_equal(np.asarray(after.data), np.asarray(before.data))
+    assert recoded == 210
+    written = served.stat().st_mtime_ns
+    assert served_copy(source, tmp_path) == served and served.stat().st_mtime_ns == written
 
 
 def test_export_writes_llama_cpp_adapter_layout(random_adapter: Path) -> None:
@@ -290,6 +319,19 @@ def test_fast_greedy_answers_agree_with_the_reference_in_recommended_drugs(train
         assert sum(f1) / len(f1) >= 0.85, list(zip(ref_answers, fast_answers))
     trained_ref = generate_batch(reference, cases, max_new_tokens=24, batch_size=4)
     assert sum(bool(vocab.extract(a)) for a in trained_ref) >= len(cases) // 2, "the trained adapter names drugs"
+
+
+@needs_llama
+@pytest.mark.slow
+def test_batched_greedy_decoding_gives_the_answers_of_one_at_a_time(trained_adapter: Path) -> None:
+    engine = select.load_engine(SETTINGS, trained_adapter, "llama.cpp")
+    prompts = [prompt_ids(engine.tokenizer, messages(d["messages"][1]["content"])) for d in dialogues(6, start=200)]
+    one_by_one = [list(engine.tokens(p, max_new_tokens=24)) for p in prompts]
+    ticks: list[int] = []
+    assert engine.greedy(prompts, max_new_tokens=24, batch_size=4, on_batch=ticks.append) == one_by_one
+    assert ticks == [4, 2]
+    assert list(engine.tokens(prompts[1], max_new_tokens=24)) == one_by_one[1]  # the chat context is untouched
+    engine.close()
 
 
 @needs_llama

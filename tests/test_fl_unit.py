@@ -175,3 +175,17 @@ def test_check_hospital_names_what_is_wrong(tmp_path: Path, setup, message: str)
     setup(path)
     with pytest.raises(HospitalDataError, match=message):
         check_hospital(path)
+
+
+def test_the_loopback_federation_finds_its_own_run_beside_baselines_training_into_the_same_folder(tmp_path: Path) -> None:
+    from federimed.checkpoints import new_run
+    from federimed.config import RunSettings
+    from federimed.fl.deployment import new_federated_run
+
+    new_run(tmp_path, RunSettings(), "federated", {"a": 1})
+    before = {p.name for p in tmp_path.iterdir()}
+    assert new_federated_run(tmp_path, before) is None
+    new_run(tmp_path, RunSettings(), "centralized", {"a": 1, "b": 1})  # a baseline started first
+    assert new_federated_run(tmp_path, before) is None
+    ours = new_run(tmp_path, RunSettings(), "federated", {"a": 1, "b": 1})
+    assert new_federated_run(tmp_path, before) == ours.path

@@ -67,12 +67,13 @@ def test_train_federated_one_tiny_round_on_loopback(tmp_path: Path, monkeypatch:
     make_hospital(data, "gamma", 4)
     result = _invoke(
         "train", "--data", str(data), "--runs-dir", str(runs), "--hospitals", "alpha,beta",
-        "--rounds", "1", "--local-steps", "1", "--batch-size", "2", "--seq-len", "128",
+        "--rounds", "1", "--local-steps", "1", "--batch-size", "2", "--seq-len", "128", "--heldout-max", "1",
     )
     assert result.exit_code == 0, result.output
     (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["mode"] == "federated" and info["hospitals"] == {"alpha": 3, "beta": 5}
+    assert info["settings"]["heldout_max_dialogues"] == 1
     metrics = json.loads((run_dir / "round-1" / "metrics.json").read_text())
     assert set(metrics["hospitals"]) == {"alpha", "beta"} and metrics["train_loss"] > 0
     assert (run_dir / "round-1" / "adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import secrets
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from federimed.commands.stages import Stage, StageFailed, run_stages
 
 console = Console()
 
@@ -30,51 +30,17 @@ class Profile:
     batch_size: int
     seq_len: int
     max_cases: int  # held-out cases evaluated per hospital
+    heldout_max: int  # held-out dialogues per hospital scored at each checkpoint
+    answer_tokens: int  # longest generated answer in the evaluation
 
 
 PROFILES = {
-    # Sized for a 2-core CPU: the default took 38.5 min there (federated rounds ~3.5 min, evaluation 13 min).
-    "default": Profile(patients=20, rounds=2, local_steps=5, batch_size=4, seq_len=256, max_cases=10),
-    "quick": Profile(patients=4, rounds=2, local_steps=2, batch_size=4, seq_len=256, max_cases=4),
+    # Sized for a 2-core CPU (README "Demo timings").
+    "default": Profile(patients=20, rounds=2, local_steps=5, batch_size=4, seq_len=256, max_cases=10, heldout_max=24,
+                       answer_tokens=48),
+    "quick": Profile(patients=4, rounds=1, local_steps=1, batch_size=2, seq_len=256, max_cases=2, heldout_max=4,
+                     answer_tokens=32),
 }
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One demo step: a `federimed` command line, the files whose content decides if it must rerun,
-    and a check that its output is still there."""
-
-    name: str
-    args: list[str]
-    inputs: Sequence[Path] = ()
-    always: bool = False
-    produced: Callable[[], bool] = lambda: True
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.args).encode())
-        for path in sorted(self.inputs):
-            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-                if file.is_file() and not file.name.startswith("."):
-                    digest.update(f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
-        return digest.hexdigest()
-
-
-def _run(stage: Stage, state_dir: Path) -> float | None:
-    """Run `stage` unless its stamp matches; return its wall time (None when skipped)."""
-    stamp = state_dir / f"{stage.name}.json"
-    fingerprint = stage.fingerprint()
-    up_to_date = stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fingerprint
-    if not stage.always and up_to_date and stage.produced():
-        console.print(f"[dim]✓ {stage.name}: up to date, skipped[/]")
-        return None
-    console.rule(f"[bold]{stage.name}[/]  federimed {' '.join(stage.args)}")
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "federimed.cli", *stage.args], check=False)
-    if result.returncode != 0:
-        console.print(f"[red]demo stopped: stage {stage.name!r} failed (exit {result.returncode})[/]")
-        raise typer.Exit(result.returncode)
-    stamp.write_text(json.dumps({"fingerprint": stage.fingerprint(), "finished": time.time()}))
-    return time.perf_counter() - started
 
 
 def _runs_of(runs: Path, mode: str, hospitals: set[str] | None = None) -> list[Path]:
@@ -122,10 +88,14 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="Port of the chat.")] = 8000,
         chat: Annotated[bool, typer.Option(help="Start the chat at the end.")] = True,
         seed: Annotated[int, typer.Option(help="Seed of the synthetic federation.")] = 7,
+        lanes: Annotated[int, typer.Option(min=1, help="Stages run at once [default: one per CPU core, at least 2].")] = max(
+            2, os.cpu_count() or 1
+        ),
     ) -> None:
         """Run the whole story: synthesise 3 hospitals, ingest and audit them, build the guideline index,
         train the baselines and the federated adapter, evaluate and report, then start the chat with a
         printed demo login."""
+        from federimed.checkpoints import latest_round, point_latest
         from ingest.synth import plan
 
         profile = PROFILES["quick" if quick else "default"]
@@ -136,42 +106,53 @@ def register(app: typer.Typer) -> None:
         state_dir = data / ".demo"
         state_dir.mkdir(parents=True, exist_ok=True)
         hospital_names = [spec.hospital for spec in plan(3, profile.patients, seed)]
+        audits = [f"audit {name}" for name in hospital_names]
         stages = [
             Stage("synthesise", ["synth", "--out", str(synth_dir), "--hospitals", "3", "--patients",
                                  str(profile.patients), "--seed", str(seed), "--force"],
                   produced=lambda: (synth_dir / "synth.json").is_file()),
+            Stage("guideline index", ["index", "--out", str(data / "guideline-index")], always=True),
             Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir],
+                  after=["synthesise"],
                   produced=lambda: all((hospitals_dir / h / "manifest.json").is_file() for h in hospital_names)),
         ]
         stages += [
-            Stage(f"audit {name}", ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
-                  [hospitals_dir / name], always=True)
-            for name in hospital_names
+            Stage(audit, ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
+                  [hospitals_dir / name], after=["ingest"], always=True)
+            for audit, name in zip(audits, hospital_names)
         ]
         train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
                       "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
-                      "--seq-len", str(profile.seq_len)]
-        stages.append(Stage("guideline index", ["index", "--out", str(data / "guideline-index")], always=True))
-        # Baselines first, the federated run last: runs/latest then points at the federated model for the chat.
+                      "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
+        # Training waits for clean audits. The federated run, the longest, starts first.
         everyone = set(hospital_names)
+        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
+                            produced=lambda: bool(_runs_of(runs, "federated"))))
         stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
-                            produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
+                            after=audits, produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
         stages += [
             Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
-                  [hospitals_dir], produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
+                  [hospitals_dir], after=audits, produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
             for name in hospital_names
         ]
-        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir],
-                            produced=lambda: bool(_runs_of(runs, "federated"))))
-        timings: dict[str, float | None] = {}
-        for stage in stages:
-            timings[stage.name] = _run(stage, state_dir)
-        federated = _newest_federated_run(runs)
-        evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
-                                          "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index"),
-                                          "--max-cases", str(profile.max_cases)],
-                           [federated, hospitals_dir], produced=lambda: (federated / "eval" / "report.json").is_file())
-        timings[evaluation.name] = _run(evaluation, state_dir)
+        console.print(f"Stage logs: {state_dir / 'logs'}; up to {lanes} stages run at once.")
+        try:
+            timings = run_stages(stages, state_dir, lanes, console)
+            federated = _newest_federated_run(runs)
+            point_latest(runs, latest_round(federated)[1])  # the chat serves the federated model, whichever run ended last
+            evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
+                                              "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index"),
+                                              "--max-cases", str(profile.max_cases),
+                                              "--max-new-tokens", str(profile.answer_tokens)],
+                               [federated, hospitals_dir],
+                               produced=lambda: (federated / "eval" / "report.json").is_file())
+            timings |= run_stages([evaluation], state_dir, 1, console)
+        except StageFailed as exc:
+            console.print(f"[red]demo stopped: {exc}[/]")
+            raise typer.Exit(exc.code) from None
+        from federimed.evaluation.report import rich_table
+
+        console.print(rich_table(json.loads((federated / "eval" / "report.json").read_text())))
         table = Table(title="Demo stages")
         table.add_column("stage")
         table.add_column("wall time", justify="right")

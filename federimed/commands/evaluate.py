@@ -83,8 +83,10 @@ def evaluate(
         if external:
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
             external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
-        plain = next((s for s in scores if s.model == "federated" and not s.retrieval), None)
-        known = {latest_round(federated.path)[0]: plain.summary()["drug_f1"]["mean"]} if plain else {}
+        plain = {s.model: s.summary()["drug_f1"]["mean"] for s in scores if not s.retrieval}
+        known = {0: plain["base"]} if "base" in plain else {}  # round 0: the global adapter starts from the base
+        if "federated" in plain:
+            known[latest_round(federated.path)[0]] = plain["federated"]
         per_round = f1_per_round(federated, cases, vocab, settings, known, max_new_tokens=max_new_tokens) if rounds else []
     report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, missing=missing)
     path = write_report(report, federated.path / "eval")

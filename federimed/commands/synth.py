@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -25,6 +27,9 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="Simulation 'today' (YYYYMMDD); fixed so that a seed always gives the same data.")
         ] = DEFAULT_REFERENCE_DATE,
         force: Annotated[bool, typer.Option("--force", help="Replace hospitals generated before in OUT.")] = False,
+        jobs: Annotated[
+            Optional[int], typer.Option(min=1, help="Hospitals generated at once [default: one per CPU core].")
+        ] = None,
     ) -> None:
         """Generate one Synthea population per hospital, each with its own case mix.
 
@@ -36,7 +41,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from ingest.synth import SynthError, check_free, generate_hospital, plan, write_record
+        from ingest.synth import HospitalSpec, SynthError, check_free, generate_hospital, plan, write_record
         from ingest.synthea_fhir import read_fhir
 
         console = Console()
@@ -58,17 +63,16 @@ def register(app: typer.Typer) -> None:
             console=console,
         ) as progress:
             overall = progress.add_task("[bold]hospitals", total=len(specs))
-            for spec in specs:
+
+            def generate(spec: HospitalSpec) -> list[str]:
+                """One hospital's bundles, read back for the summary row."""
                 task = progress.add_task(f"  {spec.hospital} patients", total=spec.patients)
-                try:
-                    fhir = generate_hospital(spec, out, lambda done, t=task: progress.update(t, completed=done))
-                except SynthError as exc:
-                    console.print(f"[red]error:[/] {exc}", soft_wrap=True)
-                    raise typer.Exit(1) from None
+                fhir = generate_hospital(spec, out, lambda done: progress.update(task, completed=done))
                 result = read_fhir([fhir])
                 for skip in result.skipped:
                     console.print(f"[yellow]skipped[/] {skip.source} {skip.location}: {skip.reason}", soft_wrap=True)
-                table.add_row(
+                progress.advance(overall)
+                return [
                     spec.hospital,
                     f"{spec.min_age}-{spec.max_age}",
                     f"{len(spec.modules)} chosen" if spec.modules else "all",
@@ -76,7 +80,16 @@ def register(app: typer.Typer) -> None:
                     str(sum(len(t.conditions) for t in result.timelines)),
                     str(sum(len(t.medications) for t in result.timelines)),
                     str(len(result.skipped)),
-                )
-                progress.advance(overall)
+                ]
+
+            # Synthea runs as a child process per hospital: threads are enough to keep every core busy.
+            with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+                try:
+                    rows = list(pool.map(generate, specs))
+                except SynthError as exc:
+                    console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+                    raise typer.Exit(1) from None
+            for row in rows:
+                table.add_row(*row)
         write_record(out, specs, seed)
         console.print(table)

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from federimed.commands import fail
+from federimed.config import HELDOUT_MAX_DIALOGUES
 
 console = Console()
 hospital_app = typer.Typer(help="Hospital side of a Flower deployment.", no_args_is_help=True)
@@ -29,6 +30,8 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Dialogues per optimizer ste
 SeqLen = Annotated[int, typer.Option(min=32, help="Longest tokenised dialogue.")]
 Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed for adapter initialisation and sampling.")]
+HeldoutMax = Annotated[int, typer.Option(
+    min=0, help="Held-out dialogues per hospital that each checkpoint is scored on (0: all).")]
 BaseModel = Annotated[str, typer.Option(help="Base model: alias, local path or cached Hugging Face id.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.")]
 MaxUpdateNorm = Annotated[float, typer.Option(
@@ -63,7 +66,10 @@ SecAggLevels = Annotated[int, typer.Option(
     min=2, help="With --secagg: quantisation levels over the clipping range (times hospitals must stay < 2^32).")]
 
 
-def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str):
+def _settings(
+    rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str,
+    heldout_max: int = HELDOUT_MAX_DIALOGUES,
+):
     from pydantic import ValidationError
 
     from federimed.config import ModelSettings, RunSettings, TrainSettings
@@ -73,6 +79,7 @@ def _settings(rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: 
             rounds=rounds,
             model=ModelSettings(base=base_model),
             train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed),
+            heldout_max_dialogues=heldout_max,
         )
     except ValidationError as err:
         console.print(f"[red]error:[/] invalid training settings: {err}", soft_wrap=True, highlight=False)
@@ -169,6 +176,7 @@ def train(
     lr: Lr = 1e-3,
     seed: Seed = 0,
     base_model: BaseModel = "smollm2-135m-instruct",
+    heldout_max: HeldoutMax = HELDOUT_MAX_DIALOGUES,
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
@@ -205,7 +213,7 @@ def train(
         found = ingested_hospitals(data, names)
     except HospitalDataError as err:
         raise fail(str(err)) from None
-    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
+    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max)
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:

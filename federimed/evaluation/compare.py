@@ -138,11 +138,12 @@ def f1_per_round(
     known: dict[int, float] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, float]]:
-    """Pooled drug F1 (no retrieval) of the global adapter after each federated round; rounds in `known`
-    (round → F1, e.g. the last one, already scored as "federated") are not generated again."""
+    """Pooled drug F1 (no retrieval) of the global adapter after each federated round, from round 0 (the
+    base model) when `known` has it; rounds in `known` (round → F1, e.g. the last one, already scored as
+    "federated") are not generated again."""
     from federimed.serving.select import load_engine
 
-    rows = []
+    rows = [{"round": 0, "drug_f1": known[0]}] if known and 0 in known else []
     for metrics in round_metrics(federated.path):
         n = int(metrics["round"])
         if known and n in known:

@@ -181,7 +181,8 @@ def _plot_rounds(report: dict[str, Any], path: Path) -> None:
     rounds = report["f1_per_round"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["round"] for r in rounds], [r["drug_f1"] for r in rounds], marker="o")
-    ax.set_xlabel("federated round")
+    ax.set_xlabel("federated round (0: the base model)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("drug F1 (held-out)")
     ax.set_ylim(0, 1)
     ax.set_title("Global adapter after each round")

@@ -314,6 +314,15 @@ def submit_run(
     return start("flwr run", argv, log=log, env=flower_env(flwr_home), cwd=app_dir)
 
 
+def new_federated_run(runs_dir: Path, before: set[str]) -> Path | None:
+    """The federated run that appeared in `runs_dir` since it held the runs named in `before` (baselines
+    may be training into the same folder meanwhile), or None while there is none."""
+    for info in sorted(runs_dir.glob("*/run.json")):
+        if info.parent.name not in before and json.loads(info.read_text())["mode"] == "federated":
+            return info.parent
+    return None
+
+
 def federate_on_loopback(
     hospitals: Sequence[Path],
     options: ServerOptions,
@@ -353,9 +362,7 @@ def federate_on_loopback(
         processes.append(run)
         while True:
             finished = not run.alive()
-            if run_dir is None:
-                new = [p.parent for p in options.runs_dir.glob("*/run.json") if p.parent.name not in before]
-                run_dir = new[0] if new else None
+            run_dir = run_dir or new_federated_run(options.runs_dir, before)
             rounds = run_dir.glob("round-*/metrics.json") if run_dir else []
             for path in sorted(rounds, key=lambda p: int(p.parent.name.removeprefix("round-"))):
                 if path not in shown:

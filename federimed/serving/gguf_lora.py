@@ -62,14 +62,15 @@ class BaseLayout:
 
 
 def served_base(settings: ModelSettings) -> tuple[Path, Path]:
-    """The base GGUF file llama.cpp runs and its de-quantised Hugging Face copy (config, tokenizer,
-    shapes), made once as `federimed.model.load_base` makes it."""
+    """The base GGUF file llama.cpp runs (re-encoded for speed: `federimed.serving.requantise`) and its
+    de-quantised Hugging Face copy (config, tokenizer, shapes), both made once."""
     from federimed.model import dequantised_copy, resolve_base
+    from federimed.serving.requantise import served_copy
 
     base = resolve_base(settings)
     if not isinstance(base, Path) or base.suffix != ".gguf":
         raise ExportError(f"base model {settings.base!r} is not a GGUF file: llama.cpp serves GGUF base models only")
-    return base, dequantised_copy(settings, base)
+    return served_copy(base, cache_root() / "served"), dequantised_copy(settings, base)
 
 
 def fingerprint(adapter_dir: Path, base_gguf: Path) -> str:

@@ -1,14 +1,19 @@
-"""The llama.cpp engine: the quantised base GGUF itself, with a checkpoint's LoRA adapter as a GGUF adapter.
+"""The llama.cpp engine: the base GGUF (served as Q8_0), with a checkpoint's LoRA adapter as a GGUF adapter.
 
 It reads the token ids of the Hugging Face chat template (the same prompt as the reference engine),
-stops at the same end-of-turn ids and decodes with the same tokenizer. Greedy evaluation runs case by
-case: llama.cpp keeps the shared prompt prefix (system prompt) in its KV cache between cases.
+stops at the same end-of-turn ids and decodes with the same tokenizer. The chat streams one answer on
+the main context, which keeps the shared prompt prefix (system prompt) in its KV cache between
+questions. Greedy evaluation uses a second context holding several sequences: each prompt is read on
+its own (prompt reading is one large matrix product already), then the answers are decoded together,
+one token of every unfinished answer per llama.cpp batch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ class LlamaCppEngine:
         n = threads or cpu_threads()
         self._llm = Llama(
             model_path=str(base_gguf), n_ctx=context_length, n_threads=n, n_threads_batch=n,
-            lora_path=str(adapter_gguf) if adapter_gguf else None, verbose=False,
+            lora_path=str(adapter_gguf) if adapter_gguf else None, flash_attn=True, verbose=False,
         )  # fmt: skip
 
     def tokens(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0) -> Iterator[int]:
@@ -61,13 +66,97 @@ class LlamaCppEngine:
     def greedy(
         self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8, on_batch: OnBatch | None = None
     ) -> list[list[int]]:
-        """Greedy answer ids, one prompt after the other (`batch_size` is unused: see the module note)."""
-        answers = []
-        for ids in prompts:
-            answers.append(list(self.tokens(ids, max_new_tokens=max_new_tokens)))
-            if on_batch:
-                on_batch(1)
+        """Greedy answer ids of every prompt, `batch_size` answers decoded together."""
+        if not prompts:
+            return []
+        from llama_cpp._internals import LlamaBatch
+
+        size = min(batch_size, len(prompts))
+        longest = -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // 256) * 256  # llama.cpp pads n_ctx to 256s
+        answers: list[list[int]] = []
+        with GENERATE_LOCK, closing(self._context(size, size * longest)) as ctx, closing(
+            LlamaBatch(n_tokens=max(self._llm.n_batch, size), embd=0, n_seq_max=1, verbose=False)
+        ) as batch:
+            for start in range(0, len(prompts), size):
+                chunk = prompts[start : start + size]
+                answers += self._decode_together(ctx.ctx, batch, chunk, max_new_tokens)
+                if on_batch:
+                    on_batch(len(chunk))
         return answers
+
+    def _context(self, sequences: int, n_ctx: int) -> Any:
+        """A llama.cpp context on the loaded model and adapter (llama-cpp-python's `Llama` keeps them in
+        private fields; its version is pinned in constraints.txt) holding `sequences` sequences, each in its
+        own part of the `n_ctx`-token KV cache. (A unified cache made every sequence attend over all cells,
+        slower, and with flash attention the changed summation order flipped near-tied greedy tokens;
+        split caches give the same tokens as one answer at a time.)"""
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext
+
+        own = self._llm.context_params
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, sequences, False
+        params.n_batch, params.n_ubatch = own.n_batch, own.n_ubatch
+        params.n_threads, params.n_threads_batch, params.flash_attn_type = own.n_threads, own.n_threads_batch, own.flash_attn_type
+        context = LlamaContext(model=self._llm._model, params=params, verbose=False)
+        if self._llm._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._llm._lora_adapter)
+            if llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(self._llm.lora_scale)):
+                context.close()
+                raise RuntimeError(f"llama.cpp refused the LoRA adapter {self.adapter_gguf} on a second context")
+        return context
+
+    def _decode_together(self, ctx: Any, batch: Any, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Read each prompt as sequence 0, 1, …; then decode all answers in step, greedily."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        step = self._llm.n_batch
+        following = []
+        for seq, ids in enumerate(prompts):
+            for offset in range(0, len(ids), step):
+                piece = ids[offset : offset + step]
+                self._fill(batch, [(token, offset + i, seq, offset + i == len(ids) - 1) for i, token in enumerate(piece)])
+                self._decode(ctx, batch)
+            following.append(self._argmax(ctx, batch.n_tokens() - 1))
+        answers: list[list[int]] = [[] for _ in prompts]
+        positions = [len(p) for p in prompts]
+        active = list(range(len(prompts)))
+        while True:
+            active = [s for s in active if following[s] not in self._eos]
+            for seq in active:
+                answers[seq].append(following[seq])
+            active = [s for s in active if len(answers[s]) < max_new_tokens]
+            if not active:
+                return answers
+            self._fill(batch, [(following[seq], positions[seq], seq, True) for seq in active])
+            self._decode(ctx, batch)
+            for row, seq in enumerate(active):
+                positions[seq] += 1
+                following[seq] = self._argmax(ctx, row)
+
+    @staticmethod
+    def _fill(batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:
+        """Set the batch to (token, position, sequence, wants logits) entries."""
+        raw = batch.batch
+        raw.n_tokens = len(entries)
+        for i, (token, position, seq, logits) in enumerate(entries):
+            raw.token[i], raw.pos[i], raw.n_seq_id[i], raw.logits[i] = token, position, 1, logits
+            raw.seq_id[i][0] = seq
+
+    @staticmethod
+    def _decode(ctx: Any, batch: Any) -> None:
+        import llama_cpp
+
+        status = llama_cpp.llama_decode(ctx, batch.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _argmax(self, ctx: Any, row: int) -> int:
+        import llama_cpp
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._llm.n_vocab(),))
+        return int(logits.argmax())
 
     def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """The logits after reading `prompt_ids` (for checking the engine against the reference)."""
