@@ -14,7 +14,7 @@ import torch
 from dialogue_samples import TREATMENTS, dialogues
 from typer.testing import CliRunner
 
-from federimed.assistant import Assistant
+from federimed.assistant import Assistant, Prepared
 from federimed.checkpoints import ADAPTER_WEIGHTS, new_run, save_round
 from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
 from federimed.evaluation.drugs import DrugVocabulary
@@ -331,6 +331,19 @@ def test_batched_greedy_decoding_gives_the_answers_of_one_at_a_time(trained_adap
     assert engine.greedy(prompts, max_new_tokens=24, batch_size=4, on_batch=ticks.append) == one_by_one
     assert ticks == [4, 2]
     assert list(engine.tokens(prompts[1], max_new_tokens=24)) == one_by_one[1]  # the chat context is untouched
+    engine.close()
+
+
+@needs_llama
+@pytest.mark.slow
+def test_an_answer_depends_only_on_its_prompt_not_on_what_was_asked_before() -> None:
+    engine = select.load_engine(SETTINGS, None, "llama.cpp")
+    case = "Patient: 58-year-old male\nNew diagnosis: Essential hypertension\nRecent findings: BP 152/96 mmHg"
+    prompts = [prompt_ids(engine.tokenizer, Prepared.of(case, []).messages)]
+    prompts += [prompt_ids(engine.tokenizer, messages(d["messages"][1]["content"])) for d in dialogues(3, start=300)]
+    first = [list(engine.tokens(p, max_new_tokens=48)) for p in prompts]
+    again = [list(engine.tokens(p, max_new_tokens=48)) for p in prompts for _ in range(2)]  # each prompt twice
+    assert again == [answer for answer in first for _ in range(2)]
     engine.close()
 
 

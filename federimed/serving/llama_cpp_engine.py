@@ -2,10 +2,14 @@
 
 It reads the token ids of the Hugging Face chat template (the same prompt as the reference engine),
 stops at the same end-of-turn ids and decodes with the same tokenizer. The chat streams one answer on
-the main context, which keeps the shared prompt prefix (system prompt) in its KV cache between
-questions. Greedy evaluation uses a second context holding several sequences: each prompt is read on
-its own (prompt reading is one large matrix product already), then the answers are decoded together,
-one token of every unfinished answer per llama.cpp batch.
+the main context. Greedy evaluation uses a second context holding several sequences: each prompt is
+read on its own (prompt reading is one large matrix product already), then the answers are decoded
+together, one token of every unfinished answer per llama.cpp batch.
+
+Every prompt is read from its first token, in the same `n_batch` pieces on both contexts, so an answer
+depends only on its prompt. (Reusing the KV cache of an earlier prompt's prefix changes how the rest is
+split into matrix products; the rounding differences flipped near-tied greedy tokens, so the same case
+got a different answer the second time. The shared prefix is the ~35-token system prompt: little to save.)
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class LlamaCppEngine:
         """Generated token ids until an end-of-turn id or `max_new_tokens` (greedy when temperature is 0)."""
         sampling = {"temp": temperature, "top_k": 50, "top_p": 0.95, "min_p": 0.0} if temperature > 0 else {"temp": 0.0}
         with GENERATE_LOCK:
+            self._llm.reset()  # read the whole prompt: see the module docstring
             for produced, token in enumerate(self._llm.generate(prompt_ids, repeat_penalty=1.0, **sampling), 1):
                 if token in self._eos:
                     return
