@@ -105,10 +105,10 @@ def test_permutation_maps_hugging_face_q_k_rows_to_the_gguf_layout() -> None:
 
 
 def test_served_base_re_encodes_4_bit_tensors_as_q8_0_once(tmp_path: Path) -> None:
-    """Q4_1 tensors come back as Q8_0 holding the same weights to within Q8_0's step; everything else
-    (metadata, other tensors) unchanged; a second call reuses the copy."""
+    """For the chat, Q4_1 tensors come back as Q8_0 holding the same weights to within Q8_0's step;
+    everything else (metadata, other tensors) unchanged; a second call reuses the copy."""
     source = resolve_base(SETTINGS)
-    served = served_copy(source, tmp_path)
+    served = served_copy(source, tmp_path, "q8_0")
     assert served.name.endswith(".Q8_0.gguf") and served.parent == tmp_path
     original, copy = gguf.GGUFReader(source), gguf.GGUFReader(served)
     assert {n: f.contents() for n, f in original.fields.items() if not n.startswith("GGUF.")} == {
@@ -129,7 +129,26 @@ def test_served_base_re_encodes_4_bit_tensors_as_q8_0_once(tmp_path: Path) -> No
             assert np.array_equal(np.asarray(after.data), np.asarray(before.data))
     assert recoded == 210
     written = served.stat().st_mtime_ns
-    assert served_copy(source, tmp_path) == served and served.stat().st_mtime_ns == written
+    assert served_copy(source, tmp_path, "q8_0") == served and served.stat().st_mtime_ns == written
+
+
+def test_served_base_for_evaluation_holds_every_weight_in_f16(tmp_path: Path) -> None:
+    """For evaluation, every quantised tensor comes back as F16: its de-quantised weights, rounded once."""
+    source = resolve_base(SETTINGS)
+    served = served_copy(source, tmp_path, "f16")
+    assert served.name.endswith(".F16.gguf")
+    original, copy = gguf.GGUFReader(source), gguf.GGUFReader(served)
+    converted = 0
+    for before, after in zip(original.tensors, copy.tensors, strict=True):
+        assert (before.name, list(before.shape)) == (after.name, list(after.shape))
+        if before.tensor_type == gguf.GGMLQuantizationType.F32:
+            assert after.tensor_type == before.tensor_type and np.array_equal(np.asarray(after.data), np.asarray(before.data))
+            continue
+        assert after.tensor_type == gguf.GGMLQuantizationType.F16
+        weights = gguf.quants.dequantize(before.data, before.tensor_type).reshape(-1)
+        np.testing.assert_allclose(np.asarray(after.data, dtype=np.float32).reshape(-1), weights, rtol=2**-11, atol=2**-24)
+        converted += 1
+    assert converted == 211  # 210 Q4_1 tensors and the Q8_0 token embedding
 
 
 def test_export_writes_llama_cpp_adapter_layout(random_adapter: Path) -> None:
@@ -305,26 +324,33 @@ def test_fast_logits_match_the_reference_with_and_without_an_adapter(
 @needs_llama
 @pytest.mark.slow
 def test_fast_greedy_answers_agree_with_the_reference_in_recommended_drugs(trained_adapter: Path) -> None:
+    """Evaluation (F16 throughout) gives the reference's drugs (goal 0.95); the chat, whose answers the
+    Q8_0 copy decodes after the F16 copy has read the prompt, comes close."""
     vocab = DrugVocabulary.with_common_brands()
     for description in TREATMENTS.values():
         vocab.add_description(description)
     cases = [messages(d["messages"][1]["content"]) for d in dialogues(8, start=200)]
-    fast = select.load_engine(SETTINGS, trained_adapter, "llama.cpp")
-    assert fast.name == "llama.cpp" and fast.adapter_gguf == trained_adapter / "adapter.gguf"
-    reference = TransformersEngine(*load_for_inference(SETTINGS, trained_adapter))
-    for engine_pair in ((reference, fast), (TransformersEngine(*load_for_inference(SETTINGS)), select.load_engine(SETTINGS, None, "llama.cpp"))):
-        ref_answers = generate_batch(engine_pair[0], cases, max_new_tokens=24, batch_size=4)
-        fast_answers = generate_batch(engine_pair[1], cases, max_new_tokens=24)
-        f1 = [set_scores(vocab.extract(f), vocab.extract(r)).f1 for f, r in zip(fast_answers, ref_answers)]
-        assert sum(f1) / len(f1) >= 0.85, list(zip(ref_answers, fast_answers))
-    trained_ref = generate_batch(reference, cases, max_new_tokens=24, batch_size=4)
-    assert sum(bool(vocab.extract(a)) for a in trained_ref) >= len(cases) // 2, "the trained adapter names drugs"
+    for adapter in (trained_adapter, None):
+        reference = generate_batch(TransformersEngine(*load_for_inference(SETTINGS, adapter)), cases, max_new_tokens=24, batch_size=4)
+        if adapter:
+            assert sum(bool(vocab.extract(a)) for a in reference) >= len(cases) // 2, "the trained adapter names drugs"
+        evaluation = select.load_engine(SETTINGS, adapter, "llama.cpp", purpose="evaluation")
+        assert evaluation.name == "llama.cpp" and evaluation.adapter_gguf == (adapter / "adapter.gguf" if adapter else None)
+        chat = select.load_engine(SETTINGS, adapter, "llama.cpp", purpose="chat")
+        for goal, answers in (
+            (0.95, generate_batch(evaluation, cases, max_new_tokens=24)),
+            (0.85, ["".join(chat.stream(prompt_ids(chat.tokenizer, c), max_new_tokens=24, temperature=0.0)).strip() for c in cases]),
+        ):
+            f1 = [set_scores(vocab.extract(f), vocab.extract(r)).f1 for f, r in zip(answers, reference)]
+            assert sum(f1) / len(f1) >= goal, list(zip(reference, answers))
+        evaluation.close()
+        chat.close()
 
 
 @needs_llama
 @pytest.mark.slow
 def test_batched_greedy_decoding_gives_the_answers_of_one_at_a_time(trained_adapter: Path) -> None:
-    engine = select.load_engine(SETTINGS, trained_adapter, "llama.cpp")
+    engine = select.load_engine(SETTINGS, trained_adapter, "llama.cpp", purpose="evaluation")
     prompts = [prompt_ids(engine.tokenizer, messages(d["messages"][1]["content"])) for d in dialogues(6, start=200)]
     one_by_one = [list(engine.tokens(p, max_new_tokens=24)) for p in prompts]
     ticks: list[int] = []

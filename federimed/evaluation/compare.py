@@ -111,7 +111,7 @@ def evaluate_contenders(
     for contender in contenders:
         model, tokenizer = load_for_inference(settings, contender.adapter)
         loss = heldout_loss(model, tokenizer, cases, seq_len)
-        engine = load_engine(settings, contender.adapter, loaded=(model, tokenizer))
+        engine = load_engine(settings, contender.adapter, loaded=(model, tokenizer), purpose="evaluation")
         for use_retrieval in retrieval:
 
             def tick(n: int, label: str = contender.label) -> None:
@@ -149,7 +149,7 @@ def f1_per_round(
         if known and n in known:
             rows.append({"round": n, "drug_f1": known[n]})
             continue
-        engine = load_engine(settings, federated.path / f"round-{n}")
+        engine = load_engine(settings, federated.path / f"round-{n}", purpose="evaluation")
         scores = score_model(f"round-{n}", engine, cases, vocab, **kwargs)
         rows.append({"round": n, "drug_f1": scores.summary()["drug_f1"]["mean"]})
     return rows

@@ -125,8 +125,7 @@ def generate_batch(
     engine: Engine, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int = 48, batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers to many chat prompts: llama.cpp case by case, or transformers `batch_size` at a time
-    (see `federimed.serving.select.load_engine`)."""
+    """Greedy answers to many chat prompts, `batch_size` decoded together (see `federimed.serving.select.load_engine`)."""
     ids = [prompt_ids(engine.tokenizer, p) for p in prompts]
     answers = engine.greedy(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
     return [answer_text(engine.tokenizer, a) for a in answers]

@@ -24,6 +24,7 @@ import numpy as np
 
 from federimed.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from federimed.config import ModelSettings, cache_root
+from federimed.serving.requantise import ServedWeights, served_copy
 
 EXPORT_FORMAT = 1
 """Part of the fingerprint: bump when the exported file would change for the same checkpoint."""
@@ -61,16 +62,16 @@ class BaseLayout:
         return cls(config["model_type"], config["num_hidden_layers"], heads, config.get("num_key_value_heads", heads), shapes)
 
 
-def served_base(settings: ModelSettings) -> tuple[Path, Path]:
-    """The base GGUF file llama.cpp runs (re-encoded for speed: `federimed.serving.requantise`) and its
-    de-quantised Hugging Face copy (config, tokenizer, shapes), both made once."""
+def served_base(settings: ModelSettings, weights: ServedWeights = "q8_0") -> tuple[Path, Path]:
+    """The base GGUF file llama.cpp runs (re-encoded for the chat or for evaluation, see
+    `federimed.serving.requantise`) and its de-quantised Hugging Face copy (config, tokenizer, shapes),
+    both made once."""
     from federimed.model import dequantised_copy, resolve_base
-    from federimed.serving.requantise import served_copy
 
     base = resolve_base(settings)
     if not isinstance(base, Path) or base.suffix != ".gguf":
         raise ExportError(f"base model {settings.base!r} is not a GGUF file: llama.cpp serves GGUF base models only")
-    return served_copy(base, cache_root() / "served"), dequantised_copy(settings, base)
+    return served_copy(base, cache_root() / "served", weights), dequantised_copy(settings, base)
 
 
 def fingerprint(adapter_dir: Path, base_gguf: Path) -> str:
@@ -104,7 +105,8 @@ def stored_fingerprint(path: Path) -> str | None:
 
 
 def ensure_served(adapter_dir: Path, base_gguf: Path, hf_dir: Path, *, force: bool = False) -> tuple[Path, bool]:
-    """The GGUF adapter serving `adapter_dir` on `base_gguf` (de-quantised copy in `hf_dir`), exported
+    """The GGUF adapter serving `adapter_dir` on `base_gguf` (the base GGUF as shipped: its served
+    re-encodings share its layout and take the same adapter; de-quantised copy in `hf_dir`), exported
     unless an up-to-date one exists; and whether it was (re)built now."""
     adapter_dir = Path(adapter_dir)
     digest = fingerprint(adapter_dir, base_gguf)

@@ -1,22 +1,26 @@
-"""The llama.cpp engine: the base GGUF (served as Q8_0), with a checkpoint's LoRA adapter as a GGUF adapter.
+"""The llama.cpp engine: copies of the base GGUF (see `federimed.serving.requantise`), with a checkpoint's
+LoRA adapter as a GGUF adapter.
 
 It reads the token ids of the Hugging Face chat template (the same prompt as the reference engine),
-stops at the same end-of-turn ids and decodes with the same tokenizer. The chat streams one answer on
-the main context. Greedy evaluation uses a second context holding several sequences: each prompt is
-read on its own (prompt reading is one large matrix product already), then the answers are decoded
-together, one token of every unfinished answer per llama.cpp batch.
+stops at the same end-of-turn ids and decodes with the same tokenizer. The main model (the F16 copy)
+reads every prompt: its matrix products are the fastest here and round least. Evaluation decodes with
+it too, its answers in step on a second context holding several sequences: each prompt is read on its
+own, then every unfinished answer advances by one token per llama.cpp batch. The chat streams one
+answer: the main model reads the prompt and picks the first token, then hands its KV cache to a
+decoder (the Q8_0 copy, same architecture and cache layout), which decodes one token at a time faster.
 
-Every prompt is read from its first token, in the same `n_batch` pieces on both contexts, so an answer
-depends only on its prompt. (Reusing the KV cache of an earlier prompt's prefix changes how the rest is
-split into matrix products; the rounding differences flipped near-tied greedy tokens, so the same case
-got a different answer the second time. The shared prefix is the ~35-token system prompt: little to save.)
+Every prompt is read from its first token, so an answer depends only on its prompt, not on what was
+asked before. (Reusing the KV cache of a prefix shared with the previous prompt changes how the rest
+is split into matrix products, and the rows of a product come out rounded differently depending on
+how many it holds: a case asked twice got two different answers. The shared prefix is the ~50-token
+system prompt, little to save.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -38,18 +42,25 @@ class LlamaCppEngine:
 
     def __init__(
         self, base_gguf: Path, tokenizer: Any, *, eos: frozenset[int], context_length: int,
-        adapter_gguf: Path | None = None, threads: int | None = None,
+        adapter_gguf: Path | None = None, decoder_gguf: Path | None = None, threads: int | None = None,
     ) -> None:  # fmt: skip
-        from llama_cpp import Llama
-
+        """`base_gguf` reads prompts (and decodes evaluation answers); `decoder_gguf`, a copy of the same
+        base in a smaller format, decodes streamed answers (None: `base_gguf` decodes them too)."""
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.adapter_gguf = adapter_gguf
         self._eos = eos
-        n = threads or cpu_threads()
-        self._llm = Llama(
-            model_path=str(base_gguf), n_ctx=context_length, n_threads=n, n_threads_batch=n,
-            lora_path=str(adapter_gguf) if adapter_gguf else None, flash_attn=True, verbose=False,
+        self._threads = threads or cpu_threads()
+        self._llm = self._load(base_gguf)
+        self._decoder = self._load(decoder_gguf) if decoder_gguf else None
+
+    def _load(self, gguf: Path) -> Any:
+        from llama_cpp import Llama
+
+        n = self._threads
+        return Llama(
+            model_path=str(gguf), n_ctx=self.context_length, n_threads=n, n_threads_batch=n,
+            lora_path=str(self.adapter_gguf) if self.adapter_gguf else None, flash_attn=True, verbose=False,
         )  # fmt: skip
 
     def tokens(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0) -> Iterator[int]:
@@ -57,12 +68,43 @@ class LlamaCppEngine:
         sampling = {"temp": temperature, "top_k": 50, "top_p": 0.95, "min_p": 0.0} if temperature > 0 else {"temp": 0.0}
         with GENERATE_LOCK:
             self._llm.reset()  # read the whole prompt: see the module docstring
-            for produced, token in enumerate(self._llm.generate(prompt_ids, repeat_penalty=1.0, **sampling), 1):
+            reading = self._llm.generate(prompt_ids, repeat_penalty=1.0, **sampling)
+            if self._decoder is None:
+                yield from self._until_end(reading, max_new_tokens)
+                return
+            first = int(next(reading))
+            reading.close()
+            if first in self._eos:
+                return
+            yield first
+            if max_new_tokens > 1:
+                self._hand_over(prompt_ids)
+                decoding = self._decoder.generate([*prompt_ids, first], repeat_penalty=1.0, **sampling)
+                yield from self._until_end(decoding, max_new_tokens - 1)
+
+    def _until_end(self, generated: Generator[int, Any, None], max_new_tokens: int) -> Iterator[int]:
+        with closing(generated):
+            for produced, token in enumerate(generated, 1):
                 if token in self._eos:
                     return
                 yield int(token)
                 if produced >= max_new_tokens:
                     return
+
+    def _hand_over(self, prompt_ids: list[int]) -> None:
+        """Give the decoder the main model's KV cache of the prompt just read, as if it had read it itself."""
+        import llama_cpp
+
+        assert self._decoder is not None
+        size = llama_cpp.llama_state_seq_get_size(self._llm.ctx, 0)
+        state = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._llm.ctx, state, size, 0)
+        self._decoder.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._decoder.ctx), True)
+        if llama_cpp.llama_state_seq_set_data(self._decoder.ctx, state, written, 0) != written:
+            raise RuntimeError("llama.cpp refused the prompt's KV cache on the decoding model")
+        self._decoder.input_ids[: len(prompt_ids)] = prompt_ids
+        self._decoder.n_tokens = len(prompt_ids)  # generate() then reads only the first answer token
 
     def stream(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> Iterator[str]:
         """Text pieces of one answer, decoded as the reference engine decodes them."""
@@ -174,5 +216,7 @@ class LlamaCppEngine:
             return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),)).copy()
 
     def close(self) -> None:
-        """Free the llama.cpp model and context now rather than at garbage collection."""
+        """Free the llama.cpp models and contexts now rather than at garbage collection."""
         self._llm.close()
+        if self._decoder is not None:
+            self._decoder.close()

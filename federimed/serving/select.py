@@ -7,7 +7,7 @@ import logging
 import os
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from federimed.config import DEFAULT_BASE, ModelSettings
 from federimed.serving.backend import Engine
@@ -15,6 +15,7 @@ from federimed.serving.backend import Engine
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "llama.cpp", "transformers")
+Purpose = Literal["chat", "evaluation"]
 ENGINE_ENV = "FEDERIMED_ENGINE"
 FALLBACK_NOTICE = (
     "Fast CPU inference is unavailable ({why}): answering with the slower transformers engine. "
@@ -60,12 +61,15 @@ def choose_engine(settings: ModelSettings, requested: str | None = None) -> tupl
 
 
 def load_engine(
-    settings: ModelSettings, adapter_dir: Path | None, engine: str | None = None, *, loaded: tuple[Any, Any] | None = None
-) -> Engine:
+    settings: ModelSettings, adapter_dir: Path | None, engine: str | None = None, *,
+    loaded: tuple[Any, Any] | None = None, purpose: Purpose = "chat",
+) -> Engine:  # fmt: skip
     """The engine answering with the base model plus the adapter in `adapter_dir` (None: bare base).
 
     `engine` as for `choose_engine`; `loaded` is an already loaded (model, tokenizer) of this version
-    that the transformers engine reuses. A checkpoint llama.cpp cannot serve falls back to transformers.
+    that the transformers engine reuses; `purpose`: "chat" (llama.cpp streams answers with a faster
+    decoder) or "evaluation" (llama.cpp decodes as the reference does: `federimed.serving.requantise`).
+    A checkpoint llama.cpp cannot serve falls back to transformers.
     """
     from federimed.serving.backend import TransformersEngine
 
@@ -73,7 +77,7 @@ def load_engine(
         from federimed.serving.gguf_lora import ExportError
 
         try:
-            return _llama_cpp_engine(settings, adapter_dir)
+            return _llama_cpp_engine(settings, adapter_dir, purpose)
         except ExportError as exc:
             if engine == "llama.cpp":
                 raise
@@ -85,18 +89,21 @@ def load_engine(
     return TransformersEngine(*loaded)
 
 
-def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None) -> Engine:
-    """The base GGUF, the served adapter (exported on first use) and the de-quantised model's tokenizer."""
+def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None, purpose: Purpose) -> Engine:
+    """The served base GGUFs (F16 reads and, for evaluation, decodes; Q8_0 decodes the chat), the served
+    adapter (exported on first use) and the de-quantised model's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from federimed.model import resolve_base
     from federimed.serving.backend import context_length, eos_ids
     from federimed.serving.gguf_lora import ensure_served, served_base
     from federimed.serving.llama_cpp_engine import LlamaCppEngine
 
-    base, hf_dir = served_base(settings)
+    base, hf_dir = served_base(settings, "f16")
+    decoder = served_base(settings, "q8_0")[0] if purpose == "chat" else None
     adapter = None
     if adapter_dir is not None:
-        adapter, rebuilt = ensure_served(Path(adapter_dir), base, hf_dir)
+        adapter, rebuilt = ensure_served(Path(adapter_dir), resolve_base(settings), hf_dir)
         if rebuilt:
             log.info("exported %s for llama.cpp into %s", adapter_dir, adapter)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
@@ -104,7 +111,7 @@ def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None) -> Engi
         tokenizer.pad_token = tokenizer.eos_token
     limit = context_length(AutoConfig.from_pretrained(hf_dir, local_files_only=True), tokenizer)
     eos = eos_ids(GenerationConfig.from_pretrained(hf_dir, local_files_only=True))
-    return LlamaCppEngine(base, tokenizer, eos=eos, context_length=limit, adapter_gguf=adapter)
+    return LlamaCppEngine(base, tokenizer, eos=eos, context_length=limit, adapter_gguf=adapter, decoder_gguf=decoder)
 
 
 @cache
