@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="Port of the chat.")] = 8000,
         chat: Annotated[bool, typer.Option(help="Start the chat at the end.")] = True,
         seed: Annotated[int, typer.Option(help="Seed of the synthetic federation.")] = 7,
-        lanes: Annotated[int, typer.Option(min=1, help="Stages run at once [default: one per CPU core, at least 2].")] = max(
+        lanes: Annotated[int, typer.Option(min=1, help="Stages run at once: by default one per CPU core, at least 2.")] = max(
             2, os.cpu_count() or 1
         ),
     ) -> None:

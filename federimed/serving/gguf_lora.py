@@ -63,7 +63,7 @@ class BaseLayout:
 
 
 def served_base(settings: ModelSettings, weights: ServedWeights = "q8_0") -> tuple[Path, Path]:
-    """The base GGUF file llama.cpp runs (re-encoded for the chat or for evaluation, see
+    """A copy of the base GGUF file for llama.cpp (F16 or Q8_0, see
     `federimed.serving.requantise`) and its de-quantised Hugging Face copy (config, tokenizer, shapes),
     both made once."""
     from federimed.model import dequantised_copy, resolve_base
