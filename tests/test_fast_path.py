@@ -39,7 +39,7 @@ needs_llama = pytest.mark.skipif(
     LLAMA_PROBLEM is not None, reason=f"fast engine not installed ({LLAMA_PROBLEM}); scripts/setup.sh installs it"
 )
 SETTINGS = ModelSettings()
-BASE_GGUF, HF_DIR = served_base(SETTINGS)
+BASE_GGUF, HF_DIR = resolve_base(SETTINGS), served_base(SETTINGS)[1]  # adapters are exported for the shipped base
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = [
     "A 58-year-old patient. New diagnosis: essential hypertension. What was started?",
@@ -288,11 +288,11 @@ def test_without_llama_cpp_the_assistant_warns_once_and_still_answers(
 def test_fast_logits_match_the_reference_with_and_without_an_adapter(
     random_adapter: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    base_engine = select.load_engine(SETTINGS, None, "llama.cpp")
+    base_engine = select.load_engine(SETTINGS, None, "llama.cpp", purpose="evaluation")
     prompts = [prompt_ids(base_engine.tokenizer, messages(q)) for q in QUESTIONS]
     fast_base = [base_engine.last_logits(ids) for ids in prompts]
     base_engine.close()
-    fast_lora_engine = select.load_engine(SETTINGS, random_adapter, "llama.cpp")
+    fast_lora_engine = select.load_engine(SETTINGS, random_adapter, "llama.cpp", purpose="evaluation")
     fast_lora = [fast_lora_engine.last_logits(ids) for ids in prompts]
     fast_lora_engine.close()
     ref_base = reference_logits(None, prompts)
@@ -303,7 +303,7 @@ def test_fast_logits_match_the_reference_with_and_without_an_adapter(
 
     adapter_effect = gap(ref_lora, ref_base)
     assert adapter_effect > 0.08, "the random adapter must change the logits for this test to mean anything"
-    assert gap(fast_base, ref_base) < 0.05, "quantised llama.cpp stays close to the de-quantised reference"
+    assert gap(fast_base, ref_base) < 0.05, "llama.cpp (F16 copy) stays close to the de-quantised reference"
     assert gap(fast_lora, ref_lora) < 0.05
     assert gap(fast_lora, ref_lora) < adapter_effect / 3
     for fast, ref in zip(fast_base + fast_lora, ref_base + ref_lora):
@@ -315,7 +315,7 @@ def test_fast_logits_match_the_reference_with_and_without_an_adapter(
     import shutil
 
     shutil.copytree(random_adapter, unpermuted_dir, ignore=shutil.ignore_patterns("adapter.gguf"))
-    wrong = select.load_engine(SETTINGS, unpermuted_dir, "llama.cpp")
+    wrong = select.load_engine(SETTINGS, unpermuted_dir, "llama.cpp", purpose="evaluation")
     wrong_logits = [wrong.last_logits(ids) for ids in prompts]
     wrong.close()
     assert gap(wrong_logits, ref_lora) > 2 * gap(fast_lora, ref_lora)

@@ -36,7 +36,8 @@ def cpu_threads() -> int:
 
 
 class LlamaCppEngine:
-    """A llama.cpp context on `base_gguf` with an optional LoRA adapter GGUF."""
+    """llama.cpp on a copy of the base (and optionally a second copy that decodes streamed answers), with
+    an optional LoRA adapter GGUF on both."""
 
     name = "llama.cpp"
 
@@ -64,7 +65,8 @@ class LlamaCppEngine:
         )  # fmt: skip
 
     def tokens(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0) -> Iterator[int]:
-        """Generated token ids until an end-of-turn id or `max_new_tokens` (greedy when temperature is 0)."""
+        """Generated token ids until an end-of-turn id or `max_new_tokens` (greedy when temperature is 0):
+        the first from the main model, the rest from the decoder when there is one."""
         sampling = {"temp": temperature, "top_k": 50, "top_p": 0.95, "min_p": 0.0} if temperature > 0 else {"temp": 0.0}
         with GENERATE_LOCK:
             self._llm.reset()  # read the whole prompt: see the module docstring
@@ -79,7 +81,7 @@ class LlamaCppEngine:
             yield first
             if max_new_tokens > 1:
                 self._hand_over(prompt_ids)
-                decoding = self._decoder.generate([*prompt_ids, first], repeat_penalty=1.0, **sampling)
+                decoding = self._decoder.generate([first], reset=False, repeat_penalty=1.0, **sampling)
                 yield from self._until_end(decoding, max_new_tokens - 1)
 
     def _until_end(self, generated: Generator[int, Any, None], max_new_tokens: int) -> Iterator[int]:
@@ -99,12 +101,11 @@ class LlamaCppEngine:
         size = llama_cpp.llama_state_seq_get_size(self._llm.ctx, 0)
         state = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self._llm.ctx, state, size, 0)
-        self._decoder.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._decoder.ctx), True)
-        if llama_cpp.llama_state_seq_set_data(self._decoder.ctx, state, written, 0) != written:
-            raise RuntimeError("llama.cpp refused the prompt's KV cache on the decoding model")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._decoder.ctx), False)  # drop cells, keep buffers
+        if not 0 < written == size or llama_cpp.llama_state_seq_set_data(self._decoder.ctx, state, written, 0) != written:
+            raise RuntimeError("llama.cpp could not hand the prompt's KV cache to the decoding model")
         self._decoder.input_ids[: len(prompt_ids)] = prompt_ids
-        self._decoder.n_tokens = len(prompt_ids)  # generate() then reads only the first answer token
+        self._decoder.n_tokens = len(prompt_ids)  # generate(reset=False) goes on from here
 
     def stream(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> Iterator[str]:
         """Text pieces of one answer, decoded as the reference engine decodes them."""

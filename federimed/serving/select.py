@@ -101,6 +101,8 @@ def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None, purpose
 
     base, hf_dir = served_base(settings, "f16")
     decoder = served_base(settings, "q8_0")[0] if purpose == "chat" else None
+    if decoder == base:  # a base without 4-bit tensors: one copy does both
+        decoder = None
     adapter = None
     if adapter_dir is not None:
         adapter, rebuilt = ensure_served(Path(adapter_dir), resolve_base(settings), hf_dir)
