@@ -153,7 +153,7 @@ def main() -> None:
     plain = {
         name: Llama(model_path=str(path), n_ctx=fast.model().context_length, n_threads=cpu_threads(), verbose=False)
         for name, path in (("plain_llama_cpp_base_gguf", resolve_base(fast.settings)),
-                           ("plain_llama_cpp_served_q8_0", served_base(fast.settings)[0]))
+                           ("plain_llama_cpp_served_q8_0", served_base(fast.settings, "q8_0")))
     }  # fmt: skip
     for assistant in (reference, fast):  # warm-up: first-call allocations, the embedding model
         measure_assistant(assistant, chat_cases[0], 4)

@@ -26,7 +26,7 @@ from federimed.serving.backend import TransformersEngine, prompt_ids
 from federimed.serving.gguf_lora import (
     ensure_served,
     permute_rows,
-    served_base,
+    shipped_base,
     stored_fingerprint,
 )
 from federimed.serving.requantise import served_copy
@@ -39,7 +39,7 @@ needs_llama = pytest.mark.skipif(
     LLAMA_PROBLEM is not None, reason=f"fast engine not installed ({LLAMA_PROBLEM}); scripts/setup.sh installs it"
 )
 SETTINGS = ModelSettings()
-BASE_GGUF, HF_DIR = resolve_base(SETTINGS), served_base(SETTINGS)[1]  # adapters are exported for the shipped base
+BASE_GGUF, HF_DIR = shipped_base(SETTINGS)  # adapters are exported for the shipped base
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = [
     "A 58-year-old patient. New diagnosis: essential hypertension. What was started?",

@@ -35,8 +35,8 @@ def export(
         resolve_checkpoint,
     )
     from federimed.config import ModelSettings
-    from federimed.model import ModelLoadError, resolve_base
-    from federimed.serving.gguf_lora import ExportError, ensure_served, served_base
+    from federimed.model import ModelLoadError
+    from federimed.serving.gguf_lora import ExportError, ensure_served, shipped_base
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -48,8 +48,7 @@ def export(
         settings = RunDir(checkpoint.parent).settings().model if run_file.is_file() else ModelSettings()
         started = time.perf_counter()
         with console.status(f"Exporting {checkpoint} for llama.cpp…"):
-            hf_dir = served_base(settings)[1]
-            base = resolve_base(settings)
+            base, hf_dir = shipped_base(settings)
             path, rebuilt = ensure_served(checkpoint, base, hf_dir, force=force)
     except (CheckpointError, ModelLoadError, ExportError) as exc:
         err.print(f"[red]error:[/] {exc}")

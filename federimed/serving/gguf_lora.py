@@ -62,16 +62,20 @@ class BaseLayout:
         return cls(config["model_type"], config["num_hidden_layers"], heads, config.get("num_key_value_heads", heads), shapes)
 
 
-def served_base(settings: ModelSettings, weights: ServedWeights = "q8_0") -> tuple[Path, Path]:
-    """A copy of the base GGUF file for llama.cpp (F16 or Q8_0, see
-    `federimed.serving.requantise`) and its de-quantised Hugging Face copy (config, tokenizer, shapes),
-    both made once."""
+def shipped_base(settings: ModelSettings) -> tuple[Path, Path]:
+    """The base GGUF file as shipped (adapters are exported for it) and its de-quantised Hugging Face copy
+    (config, tokenizer, shapes; made once)."""
     from federimed.model import dequantised_copy, resolve_base
 
     base = resolve_base(settings)
     if not isinstance(base, Path) or base.suffix != ".gguf":
         raise ExportError(f"base model {settings.base!r} is not a GGUF file: llama.cpp serves GGUF base models only")
-    return served_copy(base, cache_root() / "served", weights), dequantised_copy(settings, base)
+    return base, dequantised_copy(settings, base)
+
+
+def served_base(settings: ModelSettings, weights: ServedWeights) -> Path:
+    """The copy of the base GGUF file that llama.cpp runs (F16 or Q8_0, see `federimed.serving.requantise`), made once."""
+    return served_copy(shipped_base(settings)[0], cache_root() / "served", weights)
 
 
 def fingerprint(adapter_dir: Path, base_gguf: Path) -> str:

@@ -94,18 +94,18 @@ def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None, purpose
     adapter (exported on first use) and the de-quantised model's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from federimed.model import resolve_base
     from federimed.serving.backend import context_length, eos_ids
-    from federimed.serving.gguf_lora import ensure_served, served_base
+    from federimed.serving.gguf_lora import ensure_served, served_base, shipped_base
     from federimed.serving.llama_cpp_engine import LlamaCppEngine
 
-    base, hf_dir = served_base(settings, "f16")
-    decoder = served_base(settings, "q8_0")[0] if purpose == "chat" else None
+    shipped, hf_dir = shipped_base(settings)
+    base = served_base(settings, "f16")
+    decoder = served_base(settings, "q8_0") if purpose == "chat" else None
     if decoder == base:  # a base without 4-bit tensors: one copy does both
         decoder = None
     adapter = None
     if adapter_dir is not None:
-        adapter, rebuilt = ensure_served(Path(adapter_dir), resolve_base(settings), hf_dir)
+        adapter, rebuilt = ensure_served(Path(adapter_dir), shipped, hf_dir)
         if rebuilt:
             log.info("exported %s for llama.cpp into %s", adapter_dir, adapter)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
