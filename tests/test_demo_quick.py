@@ -1,11 +1,15 @@
-"""The `--quick` demo end to end: synthesise, ingest, audit, index, train (baselines + federated),
-evaluate and report — then check the report's structure and that every number in it is finite."""
+"""The `--quick` demo end to end, run as the README's `make demo` runs it: from the repository root with
+the default relative work folder. Synthesise, ingest, audit, index, train (baselines + federated),
+evaluate and report — then check the report's structure and that every number in it is finite.
+
+It starts from nothing: the quick demo's own folders (data/quick, runs/quick) are removed first."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +17,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, "-m", "federimed.cli", "demo", "--quick", "--no-chat"]
 
 
 def _numbers(value):
@@ -26,16 +33,15 @@ def _numbers(value):
         yield value
 
 
-def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
+def test_quick_demo_from_the_repository_root_writes_a_finite_report() -> None:
+    for folder in (REPO / "data" / "quick", REPO / "runs" / "quick"):
+        shutil.rmtree(folder, ignore_errors=True)
     env = {**os.environ, "FEDERIMED_CACHE": os.environ.get("FEDERIMED_CACHE", str(Path.home() / ".cache/federimed"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "federimed.cli", "demo", "--quick", "--no-chat", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=3000,
-    )
+    result = subprocess.run(DEMO, cwd=REPO, capture_output=True, text=True, env=env, timeout=3000)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Demo login: user demo" in result.stdout
 
-    runs_dir = tmp_path / "runs" / "quick"  # the smoke run keeps its own runs
+    runs_dir = REPO / "runs" / "quick"  # the smoke run keeps its own runs
     runs = [json.loads(p.read_text()) for p in runs_dir.glob("*/run.json")]
     assert sorted(r["mode"] for r in runs) == ["centralized", "federated", "local-only", "local-only", "local-only"]
     federated = next(p.parent for p in runs_dir.glob("*/run.json") if json.loads(p.read_text())["mode"] == "federated")
@@ -48,7 +54,11 @@ def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
     assert report["cases"] > 0 and not report["missing"]
     assert [r["round"] for r in report["f1_per_round"]] == [0, 1]  # the base model, then the one round
     assert len(report["examples"]) >= 1
-    pooled_n = {m["pooled"]["n"] for m in report["models"]}
+    counts = {c["model"] for c in report["counts"]}  # the counting baselines, on the same cases
+    assert {"counts:pooled", "counts:pooled (k=11)"} | {f"counts:local:{h}" for h in report["hospitals"]} <= counts
+    assert {r["comparison"] for r in report["paired"]} >= {"federated − base", "federated − pooled counts"}
+    assert "the best hospital alone" in (federated / "eval" / "report.md").read_text()
+    pooled_n = {m["pooled"]["n"] for m in [*report["models"], *report["counts"]]}
     assert pooled_n == {report["cases"]}
     numbers = list(_numbers(report))  # undefined values (a CI over one case) are null, never NaN
     assert numbers and all(math.isfinite(n) for n in numbers)
@@ -56,8 +66,5 @@ def test_quick_demo_pipeline_writes_a_finite_report(tmp_path: Path) -> None:
     for name in ("report.md", "comparison.png", "f1_per_round.png"):
         assert (federated / "eval" / name).stat().st_size > 0
     # Up-to-date stages are skipped on a second run.
-    again = subprocess.run(
-        [sys.executable, "-m", "federimed.cli", "demo", "--quick", "--no-chat", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    again = subprocess.run(DEMO, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") >= 6

@@ -44,11 +44,11 @@ def test_load_heldout_joins_dialogues_and_targets(tmp_path: Path) -> None:
     answer = {"role": "assistant", "content": "Start medications: lisinopril."}
     user = {"role": "user", "content": "Patient: 61-year-old female"}
     (folder / "heldout.jsonl").write_text(json.dumps({"id": "a", "patient": "p", "messages": [SYSTEM, user, answer]}) + "\n")
-    target = {"id": "a", "drugs": [{"code": "314076", "display": "lisinopril 10 MG Oral Tablet", "ingredients": ["lisinopril"]}],
+    target = {"id": "a", "diagnosis": {"code": "59621000", "display": "Essential hypertension (disorder)"}, "drugs": [{"code": "314076", "display": "lisinopril 10 MG Oral Tablet", "ingredients": ["lisinopril"]}],
               "procedures": [{"code": "1", "display": "Spirometry (procedure)"}], "careplans": []}
     (folder / "targets.heldout.jsonl").write_text(json.dumps(target) + "\n")
     [case] = load_heldout(tmp_path, ["general"])
-    assert case.drugs == {"lisinopril"} and case.procedures == ("spirometry",)
+    assert case.drugs == {"lisinopril"} and case.procedures == ("spirometry",) and case.diagnosis == "59621000"
     assert case.reference == answer["content"] and all(m["role"] != "assistant" for m in case.messages)
     (folder / "targets.heldout.jsonl").write_text("")
     with pytest.raises(ValueError, match="has no target"):

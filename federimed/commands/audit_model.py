@@ -85,8 +85,8 @@ def register(app: typer.Typer) -> None:
     @app.command("audit-model")
     def audit_model(
         run: Annotated[str, typer.Option(help="The run whose settings and hospitals the audit reproduces.")],
-        runs_dir: Annotated[Path, typer.Option(help="Where RUN lives.")] = Path("runs"),
-        data: Annotated[Path, typer.Option(help="Ingested data directory holding RUN's hospitals (only read).")] = (
+        runs_dir: Annotated[Path, typer.Option(help="Where RUN lives.", resolve_path=True)] = Path("runs"),
+        data: Annotated[Path, typer.Option(help="Ingested data directory holding RUN's hospitals (only read).", resolve_path=True)] = (
             Path("data/hospitals")),
         hospital: Annotated[str | None, typer.Option(
             help="Hospital whose training data gets the canaries (default: RUN's first).")] = None,

@@ -18,12 +18,12 @@ console = Console()
 err = Console(stderr=True)
 users_app = typer.Typer(help="Doctors who may log in to the chat (salted scrypt hashes in a local SQLite file).")
 
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Training runs (checkpoints) folder.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Training runs (checkpoints) folder.", resolve_path=True)]
 IndexDir = Annotated[
-    Optional[Path], typer.Option("--index-dir", help="Guideline index folder [default: data/guideline-index, built if missing].")
+    Optional[Path], typer.Option("--index-dir", help="Guideline index folder [default: data/guideline-index, built if missing].", resolve_path=True)
 ]
 UsersDb = Annotated[
-    Optional[Path], typer.Option("--db", help="User store [default: $FEDERIMED_USERS_DB or data/users.db].")
+    Optional[Path], typer.Option("--db", help="User store [default: $FEDERIMED_USERS_DB or data/users.db].", resolve_path=True)
 ]
 AUTH_SECRET_FILE = "chainlit-auth-secret"
 
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
 
 def ask(
     case: Annotated[Optional[str], typer.Argument(help="The case as free text (identifiers are scrubbed first).")] = None,
-    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="A FHIR R4 bundle (JSON) instead of text.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="A FHIR R4 bundle (JSON) instead of text.", resolve_path=True)] = None,
     model: Annotated[str, typer.Option("--model", help="latest, base, RUN, RUN/round-N or an adapter folder.")] = "latest",
     retrieval: Annotated[bool, typer.Option("--retrieval/--no-retrieval", help="Ground the answer in guidelines.")] = True,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = 160,

@@ -64,7 +64,7 @@ def _summary(manifests: list[dict], out: Path) -> None:
 
 HeldoutShare = Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out for evaluation.")]
 Seed = Annotated[int, typer.Option(help="Seed of the deterministic patient split.")]
-Out = Annotated[Path, typer.Option(help="Folder that receives one sub-folder per hospital.")]
+Out = Annotated[Path, typer.Option(help="Folder that receives one sub-folder per hospital.", resolve_path=True)]
 
 
 def register(app: typer.Typer) -> None:
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("ingest")
     def ingest_cmd(
-        sources: Annotated[list[Path], typer.Argument(help="Synthea CSV export folders, FHIR bundles or folders.")],
+        sources: Annotated[list[Path], typer.Argument(help="Synthea CSV export folders, FHIR bundles or folders.", resolve_path=True)],
         hospital: Annotated[str, typer.Option(help="Hospital name: the output sub-folder.")],
         out: Out = DEFAULT_OUT,
         heldout_share: HeldoutShare = 0.2,
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("ingest-federation")
     def ingest_federation_cmd(
-        synth_dir: Annotated[Path, typer.Argument(help="Output of `federimed synth`: <hospital>/fhir folders.")],
+        synth_dir: Annotated[Path, typer.Argument(help="Output of `federimed synth`: <hospital>/fhir folders.", resolve_path=True)],
         out: Out = DEFAULT_OUT,
         heldout_share: HeldoutShare = 0.2,
         seed: Seed = 13,
@@ -97,8 +97,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("audit")
     def audit_cmd(
-        directory: Annotated[Path, typer.Argument(help="Folder of ingest outputs to scan (every file, recursively).")],
-        source: Annotated[list[Path], typer.Option(help="Raw Synthea source the outputs came from (repeatable).")],
+        directory: Annotated[Path, typer.Argument(help="Folder of ingest outputs to scan (every file, recursively).", resolve_path=True)],
+        source: Annotated[list[Path], typer.Option(help="Raw Synthea source the outputs came from (repeatable).", resolve_path=True)],
     ) -> None:
         """Scan outputs for any identifier of the source patients; exit 1 if one is found."""
         from ingest.audit import collect_identifiers, scan

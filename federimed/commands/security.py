@@ -15,7 +15,7 @@ console = Console()
 
 
 def certs(
-    out: Annotated[Path, typer.Option(help="Directory for ca.crt, ca.key, server.crt and server.key.")],
+    out: Annotated[Path, typer.Option(help="Directory for ca.crt, ca.key, server.crt and server.key.", resolve_path=True)],
     host: Annotated[
         list[str] | None,
         typer.Option(help="Extra DNS name or IP the SuperLink is reached at (repeatable); localhost, 127.0.0.1 "
@@ -46,7 +46,7 @@ def certs(
 
 
 def keygen(
-    out: Annotated[Path, typer.Option(help="Directory for the key pair NAME and NAME.pub.")],
+    out: Annotated[Path, typer.Option(help="Directory for the key pair NAME and NAME.pub.", resolve_path=True)],
     name: Annotated[str, typer.Option(help="This hospital's name (file name and key comment).")],
     force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
 ) -> None:

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("synth")
     def synth(
-        out: Annotated[Path, typer.Option(help="Folder that receives one sub-folder per hospital.")] = DEFAULT_OUT,
+        out: Annotated[Path, typer.Option(help="Folder that receives one sub-folder per hospital.", resolve_path=True)] = DEFAULT_OUT,
         hospitals: Annotated[int, typer.Option(min=1, help="Number of hospitals.")] = 3,
         patients: Annotated[int, typer.Option(min=1, help="Patients per hospital.")] = 40,
         seed: Annotated[int, typer.Option(help="Federation seed; each hospital's seed is derived from it.")] = 7,

@@ -33,7 +33,7 @@ Seed = Annotated[int, typer.Option(help="Seed for adapter initialisation and sam
 HeldoutMax = Annotated[int, typer.Option(
     min=0, help="Held-out dialogues per hospital that each checkpoint is scored on (0: all).")]
 BaseModel = Annotated[str, typer.Option(help="Base model: alias, local path or cached Hugging Face id.")]
-RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.")]
+RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.", resolve_path=True)]
 MaxUpdateNorm = Annotated[float, typer.Option(
     min=0, help="Reject a hospital's update whose L2 distance to the global adapter exceeds this (0: no bound).")]
 Aggregator = Annotated[str, typer.Option(
@@ -158,7 +158,7 @@ def federate_with_progress(hospitals: list[Path], options) -> Path:
 
 
 def train(
-    data: Annotated[Path, typer.Option(help="Ingested data directory (one sub-directory per hospital).")] = Path(
+    data: Annotated[Path, typer.Option(help="Ingested data directory (one sub-directory per hospital).", resolve_path=True)] = Path(
         "data/hospitals"
     ),
     runs_dir: RunsDir = Path("runs"),
@@ -271,10 +271,10 @@ def server(
     min_hospitals: Annotated[int, typer.Option(min=1, help="Fewest hospitals a round needs after round 1.")] = 1,
     resume: Annotated[str | None, typer.Option(help="Run id to continue from its last checkpoint.")] = None,
     tls: Annotated[Path | None, typer.Option(
-        help="Serve over TLS with ca.crt, server.crt and server.key from this directory (`federimed certs`).")] = None,
+        help="Serve over TLS with ca.crt, server.crt and server.key from this directory (`federimed certs`).", resolve_path=True)] = None,
     auth: Annotated[Path | None, typer.Option(
         help="Admit only hospitals whose public key (*.pub in this directory, from `federimed hospital keygen`) "
-        "is registered; needs --tls.")] = None,
+        "is registered; needs --tls.", resolve_path=True)] = None,
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = "fedavg",
     trim_fraction: TrimFraction = 0.34,
@@ -361,15 +361,15 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def join(
     superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
-    data: Annotated[Path, typer.Option(help="This hospital's ingested directory (data/hospitals/<name>).")],
+    data: Annotated[Path, typer.Option(help="This hospital's ingested directory (data/hospitals/<name>).", resolve_path=True)],
     port: Annotated[int, typer.Option(help="Port for this SuperNode's ClientApp API (0: pick a free one).")] = 0,
     outbox: Annotated[
-        Path | None, typer.Option(help="Keep a copy of every adapter this hospital sends (round-N.safetensors).")
+        Path | None, typer.Option(help="Keep a copy of every adapter this hospital sends (round-N.safetensors).", resolve_path=True)
     ] = None,
     ca: Annotated[Path | None, typer.Option(
-        help="The federation's CA certificate (ca.crt): connect over TLS and verify the SuperLink with it.")] = None,
+        help="The federation's CA certificate (ca.crt): connect over TLS and verify the SuperLink with it.", resolve_path=True)] = None,
     key: Annotated[Path | None, typer.Option(
-        help="This hospital's private key (`federimed hospital keygen`) for SuperNode authentication; needs --ca.")
+        help="This hospital's private key (`federimed hospital keygen`) for SuperNode authentication; needs --ca.", resolve_path=True)
     ] = None,
 ) -> None:
     """Join a federation as a hospital: start a Flower SuperNode that trains on DATA (it never leaves)."""

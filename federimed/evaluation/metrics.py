@@ -67,3 +67,15 @@ def bootstrap_ci(values: Sequence[float], *, resamples: int = 2000, level: float
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return Interval(mean, float(low), float(high), n)
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], *, scale: float = 1.0, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Mean of a − scale·b over the same cases, with a paired percentile-bootstrap interval (the cases
+    are resampled together, so what both models find easy or hard cancels out)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same cases: {len(a)} against {len(b)}")
+    return bootstrap_ci(
+        [x - scale * y for x, y in zip(a, b)], resamples=resamples, level=level, seed=seed
+    )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from federimed.evaluation.metrics import paired_difference
 from federimed.evaluation.runner import HeldoutCase, ModelScores
 
 METRICS = ("drug_f1", "drug_precision", "drug_recall", "procedure_recall", "careplan_recall", "rouge_l")
@@ -21,22 +23,24 @@ def build_report(
     *,
     rounds: Sequence[dict[str, float]] = (),
     external: Sequence[ModelScores] = (),
+    counts: Sequence[ModelScores] = (),
     missing: Sequence[str] = (),
     n_examples: int = 3,
 ) -> dict[str, Any]:
-    """Everything the report shows, as plain JSON-ready data."""
+    """Everything the report shows, as plain JSON-ready data. `counts` are the counting baselines
+    (`federimed.evaluation.counting`), scored on the same cases."""
     hospitals = sorted({c.hospital for c in cases})
-    models = []
-    for s in scores:
-        models.append(
-            {
-                "model": s.model,
-                "retrieval": s.retrieval,
-                "heldout_loss": s.heldout_loss,
-                "pooled": s.summary(),
-                "per_hospital": {h: s.summary(h) for h in hospitals},
-            }
-        )
+
+    def entry(s: ModelScores) -> dict[str, Any]:
+        return {
+            "model": s.model,
+            "retrieval": s.retrieval,
+            "heldout_loss": s.heldout_loss,
+            "pooled": s.summary(),
+            "per_hospital": {h: s.summary(h) for h in hospitals},
+        }
+
+    models = [entry(s) for s in scores]
     by_id = {c.id: c for c in cases}
     examples = []
     for case_id in [c.id for c in cases if c.drugs][:n_examples]:
@@ -53,9 +57,43 @@ def build_report(
         "models": models,
         "f1_per_round": list(rounds),
         "external": [{"model": s.model, "retrieval": s.retrieval, "pooled": s.summary()} for s in external],
+        "counts": [entry(s) for s in counts],
+        "paired": paired_differences(scores, counts),
         "missing": list(missing),
         "examples": examples,
     }
+
+
+def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScores] = ()) -> list[dict[str, Any]]:
+    """Per-case drug-F1 differences that decide FederiMed's claim, with paired 95 % bootstrap intervals,
+    for each retrieval setting: federated − best local-only (the best by mean), federated − 0.9 ×
+    centralized, federated − base, and every model − pooled counts."""
+    def f1(s: ModelScores) -> dict[str, float]:
+        return {c.id: c.drug_f1 for c in s.cases}
+
+    def pair(a: ModelScores, b: ModelScores, label: str, scale: float = 1.0) -> dict[str, Any]:
+        left, right = f1(a), f1(b)
+        ids = [i for i in left if i in right]
+        interval = paired_difference([left[i] for i in ids], [right[i] for i in ids], scale=scale)
+        return {"comparison": label, "retrieval": a.retrieval, **asdict(interval)}
+
+    rows = []
+    pooled = next((c for c in counts if c.model == "counts:pooled"), None)
+    for retrieval in sorted({s.retrieval for s in scores}):
+        models = {s.model: s for s in scores if s.retrieval == retrieval}
+        federated = models.get("federated")
+        locals_ = [s for name, s in models.items() if name.startswith("local:")]
+        if federated is not None:
+            if locals_:
+                best = max(locals_, key=lambda s: s.summary()["drug_f1"]["mean"] or 0.0)
+                rows.append(pair(federated, best, f"federated − best local-only ({best.model})"))
+            if "centralized" in models:
+                rows.append(pair(federated, models["centralized"], "federated − 0.9 × centralized", scale=0.9))
+            if "base" in models:
+                rows.append(pair(federated, models["base"], "federated − base"))
+        if pooled is not None:
+            rows += [pair(s, pooled, f"{name} − pooled counts") for name, s in models.items()]
+    return rows
 
 
 def _cell(summary: dict[str, Any], metric: str) -> str:
@@ -74,7 +112,7 @@ def _label(model: dict[str, Any]) -> str:
 def comparison_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per model and retrieval setting: label, n, metrics with 95 % CIs, held-out loss."""
     rows = []
-    for m in report["models"]:
+    for m in [*report["models"], *report.get("counts", [])]:
         loss = m["heldout_loss"]
         rows.append(
             [_label(m), str(m["pooled"]["n"]), *(_cell(m["pooled"], k) for k in METRICS),
@@ -83,11 +121,52 @@ def comparison_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _interval(row: dict[str, Any]) -> str:
+    if row["mean"] is None:
+        return "–"
+    if row["low"] is None:
+        return f"{row['mean']:+.2f}"
+    return f"{row['mean']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]"
+
+
+def paired_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per paired difference: comparison, retrieval, mean difference [95 % interval], n."""
+    return [[r["comparison"], "on" if r["retrieval"] else "off", _interval(r), str(r["n"])]
+            for r in report.get("paired", [])]
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One plain sentence: did federated beat the best hospital alone on this run (no retrieval), and
+    is the paired interval clear of zero?"""
+    row = next((r for r in report.get("paired", []) if r["comparison"].startswith("federated − best local-only")
+                and not r["retrieval"]), None)
+    if row is None or row["mean"] is None:
+        return "Federated against local-only: not compared on this run."
+    best = row["comparison"].split("(")[-1].rstrip(")")
+    if row["low"] is not None and row["low"] > 0:
+        outcome, certainty = "beat", "the 95 % paired interval lies above 0"
+    elif row["high"] is not None and row["high"] < 0:
+        outcome, certainty = "did worse than", "the 95 % paired interval lies below 0"
+    else:
+        outcome, certainty = "against", "the 95 % paired interval includes 0, so this run cannot tell them apart"
+    return (f"Federated {outcome} the best hospital alone ({best}): {_interval(row)} drug-F1 on {row['n']} "
+            f"held-out cases; {certainty}.")
+
+
 def rich_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"Held-out evaluation of {report['run']} ({report['cases']} cases, 95 % bootstrap CIs)")
     for column in ("model", "n", *METRICS, "held-out loss"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in comparison_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def rich_paired(report: dict[str, Any]) -> Table:
+    table = Table(title="Paired differences in drug F1 (same cases, 95 % paired bootstrap)", caption=verdict(report))
+    for column in ("comparison", "retrieval", "difference", "n"):
+        table.add_column(column, justify="left" if column == "comparison" else "right")
+    for row in paired_rows(report):
         table.add_row(*row)
     return table
 
@@ -112,6 +191,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
         "## Comparison (pooled)",
         _markdown_table(["model", "n", *METRICS, "held-out loss"], comparison_rows(report)),
         "![comparison](comparison.png)",
+        "Rows `counts:*` are the counting baseline (no model): each case gets the drug set that training "
+        "cases with the same diagnosis code most often received, counted over all hospitals (pooled) or one "
+        "(local); `(k=N)` suppresses diagnoses seen in fewer than N training patients.",
+        "## Paired differences (drug F1, same cases)",
+        f"**{verdict(report)}**",
+        _markdown_table(["comparison", "retrieval", "mean difference [95 % interval]", "n"], paired_rows(report)),
         "## Drug F1 per hospital",
         _markdown_table(
             ["model", *report["hospitals"]],
@@ -151,7 +236,7 @@ def _plot_comparison(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = report["models"]
+    models = [*report["models"], *report.get("counts", [])]
     labels = [_label(m) for m in models]
     cis = [m["pooled"]["drug_f1"] for m in models]
     means = [ci["mean"] or 0.0 for ci in cis]
@@ -160,13 +245,14 @@ def _plot_comparison(report: dict[str, Any], path: Path) -> None:
         [ci["high"] - mean if ci["high"] is not None else 0 for ci, mean in zip(cis, means)],
     ]
     colours = ["#9e9e9e" if m["model"] == "base" else "#1f77b4" if m["model"] == "federated" else
-               "#2ca02c" if m["model"] == "centralized" else "#ff7f0e" for m in models]
+               "#2ca02c" if m["model"] == "centralized" else "#9467bd" if m["model"].startswith("counts:") else
+               "#ff7f0e" for m in models]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(models)), 4))
     ax.bar(range(len(models)), means, yerr=errors, color=colours, capsize=3)
     ax.set_xticks(range(len(models)), labels, rotation=30, ha="right")
     ax.set_ylabel("drug F1 (pooled held-out cases)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{report['run']}: base vs local-only vs federated vs centralized")
+    ax.set_title(f"{report['run']}: base, local-only, federated, centralized and counting baselines")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,6 +24,7 @@ class HeldoutCase:
     drugs: frozenset[str]  # ingredients actually started
     procedures: tuple[str, ...]
     careplans: tuple[str, ...]
+    diagnosis: str = ""  # SNOMED code of the new diagnosis behind the decision
 
     @property
     def case_text(self) -> str:
@@ -84,6 +85,7 @@ def load_heldout(data_dir: Path, hospitals: Sequence[str]) -> list[HeldoutCase]:
                     drugs=frozenset(i for d in target["drugs"] for i in d["ingredients"]),
                     procedures=tuple(_clean(p["display"]) for p in target["procedures"]),
                     careplans=tuple(_clean(p["display"]) for p in target["careplans"]),
+                    diagnosis=target["diagnosis"]["code"],
                 )
             )
     return cases

@@ -161,7 +161,7 @@ def flower_command(name: str) -> str:
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This environment with FLWR_HOME set (and the venv's bin first on PATH for superexec children)."""
-    env = dict(os.environ) | {"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"}
+    env = dict(os.environ) | {"FLWR_HOME": str(Path(flwr_home).resolve()), "PYTHONUNBUFFERED": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env | dict(extra or {})
 
@@ -242,7 +242,7 @@ def start_supernode(
     """
     if auth_key is not None and root_certificates is None:
         raise ValueError("SuperNode authentication needs TLS: pass root_certificates with auth_key")
-    config = {"data-path": str(Path(data_path).resolve())} | ({"outbox": str(outbox)} if outbox else {})
+    config = {"data-path": str(Path(data_path).resolve())} | ({"outbox": str(Path(outbox).resolve())} if outbox else {})
     security = ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     argv = [
         flower_command("flower-supernode"), *security, "--superlink", superlink,
@@ -307,9 +307,12 @@ def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bo
 def submit_run(
     *, app_dir: Path, connection: str, run_config: Path, flwr_home: Path, log: Path | None
 ) -> FlowerProcess:
-    """`flwr run APP CONNECTION --run-config FILE --stream`: submit the app and stream its logs until it ends."""
+    """`flwr run APP CONNECTION --run-config FILE --stream`: submit the app and stream its logs until it ends.
+    `flwr run` starts inside APP, so the paths it is handed are absolute."""
+    app_dir = Path(app_dir).resolve()
     argv = [
-        flower_command("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), "--stream",
+        flower_command("flwr"), "run", str(app_dir), connection, "--run-config", str(Path(run_config).resolve()),
+        "--stream",
     ]
     return start("flwr run", argv, log=log, env=flower_env(flwr_home), cwd=app_dir)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
 
@@ -59,7 +59,7 @@ class ServerOptions(BaseModel):
     settings: RunSettings = Field(default_factory=RunSettings)
     hospitals: int = Field(3, ge=1, description="hospitals that must join before round 1 [hospitals]")
     min_hospitals: int = Field(1, ge=1, description="fewest replies a round needs after round 1 [min-hospitals]")
-    runs_dir: Path = Field(Path("runs"), description="where runs are written [runs-dir]")
+    runs_dir: Path = Field(Path("runs"), validate_default=True, description="where runs are written [runs-dir]")
     resume_run: str = Field("", description="run id to continue from its last checkpoint [resume-run]")
     round_timeout: float = Field(3600, gt=0, description="seconds to wait for replies in a round [round-timeout]")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share of hospitals scoring held-out loss")
@@ -95,6 +95,12 @@ class ServerOptions(BaseModel):
     secagg_quantization_range: int = Field(
         2**22, ge=2, description="levels each clipped value is rounded to [secagg-quantization-range]"
     )
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Absolute, so that the ServerApp, which runs in another folder, writes where the caller meant."""
+        return path.resolve()
 
     @model_validator(mode="after")
     def _dp_needs_a_mean(self) -> ServerOptions:
