@@ -39,11 +39,11 @@ async def starters(user: cl.User | None = None) -> list[cl.Starter]:
 
 
 async def _send_settings(values: dict[str, Any]) -> dict[str, Any]:
-    versions = chat_ui.version_choices(SETTINGS.runs_dir)
-    chosen = values.get("model") if values.get("model") in versions.values() else chat_ui.default_version(versions)
+    menu = chat_ui.version_menu(SETTINGS.runs_dir, baselines=SETTINGS.baselines)
+    chosen = values.get("model") if values.get("model") in menu.items.values() else menu.default
     widgets = [
         Switch(id="retrieval", label="Ground answers in guideline excerpts", initial=values.get("retrieval", True)),
-        Select(id="model", label="Model version", items=versions, initial_value=chosen),
+        Select(id="model", label="Model version", items=menu.items, initial_value=chosen),
         Slider(id="temperature", label="Temperature (0 = deterministic)", initial=values.get("temperature", 0.0),
                min=0.0, max=1.0, step=0.1),
         Slider(id="max_tokens", label="Longest answer (tokens)", initial=values.get("max_tokens", DEFAULT_MAX_NEW_TOKENS),

@@ -104,6 +104,8 @@ class ModelVersion:
     epsilon: float | None = None
     """Hospital-level differential-privacy ε spent up to this round (None: trained without DP)."""
     delta: float | None = None
+    created: str | None = None
+    """When its run started (ISO date and time)."""
 
     def describe(self) -> str:
         """One line for the footer: "RUN/round-3 · federated · 3 rounds · 3 hospitals (a, b, c) · 1,204 examples",
@@ -135,6 +137,7 @@ def _version_of(info: Version) -> ModelVersion:
         examples=info.examples,
         epsilon=info.epsilon,
         delta=info.delta,
+        created=info.created,
     )
 
 
@@ -155,7 +158,7 @@ def resolve_version(spec: str | Path | None, runs_dir: Path) -> tuple[ModelVersi
     try:
         path = resolve_checkpoint(str(spec), runs_dir)
     except CheckpointError:
-        if str(spec) == "latest" and not list_versions(runs_dir):
+        if str(spec) == "latest":  # only a federated run points it: baselines are not served by default
             return ModelVersion(BASE), f"No federated run in {runs_dir} yet: answering with the base model."
         raise
     for info in list_versions(runs_dir):

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from federimed.assistant import BASE, Assistant, ModelVersion, available_versions
+from federimed.assistant import BASE, Assistant, ModelVersion, available_versions, resolve_version
+from federimed.checkpoints import CARE_MODES, LATEST
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
 
@@ -58,6 +59,8 @@ class AppSettings:
     index_dir: Path | None
     users_db: Path | None
     database_url: str | None
+    baselines: bool = False
+    """Offer evaluation baselines in the model menu (`federimed chat --baselines`)."""
 
     @classmethod
     def from_env(cls) -> AppSettings:
@@ -68,6 +71,7 @@ class AppSettings:
             index_dir=Path(env("FEDERIMED_INDEX_DIR")) if env("FEDERIMED_INDEX_DIR") else None,
             users_db=Path(env("FEDERIMED_USERS_DB")) if env("FEDERIMED_USERS_DB") else None,
             database_url=env("FEDERIMED_DATABASE_URL") or None,
+            baselines=env("FEDERIMED_CHAT_BASELINES") == "1",
         )
 
 
@@ -79,16 +83,46 @@ class Source:
     content: str
 
 
-def version_choices(runs_dir: Path) -> dict[str, str]:
-    """Select items for the model-version setting: label → spec, checkpoints newest first, base last."""
-    versions = available_versions(runs_dir)
-    checkpoints = {v.describe(): v.label for v in versions if v.adapter_dir is not None}
-    return checkpoints | {ModelVersion(BASE).describe(): BASE}
+@dataclass(frozen=True)
+class VersionMenu:
+    """The chat's model-version setting: label → version spec, and the spec chosen by default."""
+
+    items: dict[str, str]
+    default: str
 
 
-def default_version(choices: dict[str, str]) -> str:
-    """The newest checkpoint when there is one, else the base model."""
-    return next(iter(choices.values()))
+def version_menu(runs_dir: Path, *, baselines: bool = False) -> VersionMenu:
+    """Models meant for care, newest first, then the base model. The default is what `runs/latest` names
+    (as `federimed ask` answers with): training points it at the federated model. Evaluation baselines
+    (local-only, centralized) are listed only with `baselines`."""
+    default, _ = resolve_version(LATEST, runs_dir)
+    shown = [
+        v for v in available_versions(runs_dir)
+        if v.adapter_dir is not None and (baselines or v.mode in CARE_MODES or v.label == default.label)
+    ]  # fmt: skip
+    items: dict[str, str] = {}
+    for version in [*shown, ModelVersion(BASE)]:
+        label = menu_label(version, default=version.label == default.label)
+        items[label if label not in items else f"{label} · {version.label}"] = version.label
+    return VersionMenu(items, default.label)
+
+
+def menu_label(version: ModelVersion, *, default: bool = False) -> str:
+    """How the menu names a version: kind, round, hospitals, date and ε, so that a doctor can tell them apart."""
+    if version.adapter_dir is None:
+        label = "Base model (not fine-tuned)"
+    else:
+        kind = "Federated" if version.mode in CARE_MODES else f"Evaluation baseline: {version.mode}"
+        parts = [kind, f"round {version.rounds}"]
+        if version.hospitals:
+            n = len(version.hospitals)
+            parts.append(f"{n} hospital{'' if n == 1 else 's'} ({', '.join(version.hospitals)})")
+        if version.created:
+            parts.append(version.created.replace("T", " ")[:16])
+        if version.epsilon is not None:
+            parts.append(f"DP ε {version.epsilon:.1f}")
+        label = " · ".join(parts)
+    return f"{label} (default)" if default else label
 
 
 def assistant_for(spec: str, settings: AppSettings) -> Assistant:

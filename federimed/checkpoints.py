@@ -28,6 +28,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS = "metrics.json"
 RUN_FILE = "run.json"
 LATEST = "latest"
+CARE_MODES = frozenset({"federated"})
+"""Run modes whose models doctors are served by default; the rest (local-only, centralized) are
+evaluation baselines."""
 PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "clip")
 """What a differentially private round's metrics.json records of the privacy spent, copied into run.json."""
 _ROUND = re.compile(r"^round-(\d+)$")
@@ -115,7 +118,8 @@ def new_run(runs_dir: Path, settings: RunSettings, mode: str, hospitals: Mapping
 def save_round(
     run: RunDir, round_num: int, model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], metrics: Mapping[str, Any]
 ) -> Path:
-    """Write round-N/ (PEFT adapter + metrics.json) atomically, update run.json and point `latest` at it.
+    """Write round-N/ (PEFT adapter + metrics.json) atomically, update run.json and, for a model meant for
+    care (`CARE_MODES`: the federated model, not an evaluation baseline), point `latest` at it.
 
     A differentially private round's `PRIVACY_KEYS` (ε spent so far, δ, σ, clip) also go into run.json."""
     from federimed.model import adapter_state, lora_config  # torch/peft stay out of plain run listing
@@ -141,7 +145,8 @@ def save_round(
         info.update({key: metrics[key] for key in PRIVACY_KEYS if key in metrics})
     info["rounds_completed"] = max(info["rounds_completed"], round_num)
     _write_json(run.path / RUN_FILE, info)
-    point_latest(run.runs_dir, final)
+    if info["mode"] in CARE_MODES:
+        point_latest(run.runs_dir, final)
     return final
 
 

@@ -1,6 +1,7 @@
 """The doctors' chat end to end: `federimed chat` serves the Chainlit app; Debian chromium (Playwright)
-logs in, sends a case, reads the streamed, grounded answer, opens a source, finds the chat again in
-the history after a reload, and a second doctor can neither see nor open it."""
+logs in, finds the federated model as the menu's default (a baseline trained after it is not offered),
+sends a case, reads the streamed, grounded answer from the federated model, opens a source, finds the
+chat again in the history after a reload, and a second doctor can neither see nor open it."""
 
 from __future__ import annotations
 
@@ -47,6 +48,23 @@ class Server:
     url: str
     database: Path
     log: list[str]
+    federated: str  # the federated run's id: doctors are served it by default
+
+
+def _demo_order_runs(runs: Path) -> str:
+    """Runs in the demo's order: a federated run, then a local-only baseline saved after it (the newest
+    checkpoint). Untrained adapters (PEFT starts lora_B at zero): the test is about which model serves."""
+    from federimed.checkpoints import new_run, save_round
+    from federimed.config import RunSettings
+    from federimed.model import add_lora, load_base
+
+    settings = RunSettings()
+    peft = add_lora(load_base(settings.model)[0], settings.lora)
+    federated = new_run(runs, settings, "federated", {"childrens": 12, "general": 20})
+    save_round(federated, 1, peft, {"train_loss": 1.0})
+    time.sleep(1.1)  # creation times have whole seconds: the baseline is strictly newer
+    save_round(new_run(runs, settings, "local-only", {"general": 20}), 1, peft, {"train_loss": 1.0})
+    return federated.id
 
 
 def _free_port() -> int:
@@ -64,6 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     users = UserStore(tmp / "users.db")
     users.add("dr.grey", PASSWORD)
     users.add("dr.house", PASSWORD)
+    federated = _demo_order_runs(tmp / "runs")
     port = _free_port()
     database = tmp / "chainlit.db"
     env = {k: v for k, v in os.environ.items() if k != "CI"}  # chainlit run behaves differently under CI
@@ -93,7 +112,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         while not ready.wait(1):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("chat server did not start:\n" + "".join(log[-40:]))
-        yield Server(f"http://127.0.0.1:{port}", database, log)
+        yield Server(f"http://127.0.0.1:{port}", database, log, federated)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -124,8 +143,20 @@ def _login(browser: object, server: Server, user: str) -> object:
 
 
 def _shortest_answers(page: object) -> None:
-    """Set the "Longest answer" slider to its minimum in the chat settings."""
+    """Check the model menu offers the federated model by default (and no baseline), then set the
+    "Longest answer" slider to its minimum in the chat settings."""
     page.click("#chat-settings-open-modal")
+    menu = page.locator("#model")
+    menu.wait_for(timeout=30_000)
+    assert "Federated · round 1 · 2 hospitals (childrens, general)" in menu.inner_text()
+    assert "(default)" in menu.inner_text()
+    menu.click()
+    page.wait_for_selector("[role='option']", timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-model-menu.png"))
+    options = page.locator("[role='option']").all_inner_texts()
+    assert any(o.startswith("Federated") and o.endswith("(default)") for o in options), options
+    assert not any("baseline" in o for o in options), f"an evaluation baseline is offered to doctors: {options}"
+    page.locator("[role='option']", has_text="(default)").first.click()
     slider = page.locator("#max_tokens [role='slider'], [id='max_tokens'] ~ * [role='slider']").first
     slider.focus()
     page.keyboard.press("Home")
@@ -148,7 +179,7 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
         timeout=ANSWER_S * 1000,
     )
     text = answer.inner_text()
-    assert "Model: base model" in text and "synthetic" in text
+    assert f"Model: {server.federated}/round-1 · federated" in text and "synthetic" in text
     assert page.locator("[id='step-Guideline retrieval']").count() == 1
     assert page.locator("[id='step-De-identification']").count() == 1
     links = answer.locator(".element-link")

@@ -106,7 +106,7 @@ def test_resolve_checkpoint_specs_and_errors(tmp_path, trained):
     second = new_run(tmp_path, SETTINGS, "local-only", {"south": 3})
     save_round(second, 1, state, {})
 
-    assert resolve_checkpoint("latest", tmp_path) == (second.path / "round-1").resolve()
+    assert resolve_checkpoint("latest", tmp_path) == (first.path / "round-2").resolve()  # a baseline never moves it
     assert resolve_checkpoint(first.id, tmp_path) == (first.path / "round-2").resolve()
     assert resolve_checkpoint(f"{first.id}/round-1", tmp_path) == (first.path / "round-1").resolve()
     assert resolve_checkpoint(str(first.path / "round-2"), tmp_path / "elsewhere") == (first.path / "round-2").resolve()

@@ -85,6 +85,9 @@ def chat(
     runs_dir: RunsDir = Path("runs"),
     index_dir: IndexDir = None,
     users_db: UsersDb = None,
+    baselines: Annotated[bool, typer.Option(
+        "--baselines", help="For evaluators: also offer the evaluation baselines (local-only, centralized) in "
+        "the model menu. Doctors are served the federated model that runs/latest names.")] = False,
 ) -> None:
     """Serve the doctors' chat (Chainlit) with password login and per-doctor history; prints the URL."""
     from federimed.model import cache_root
@@ -106,6 +109,7 @@ def chat(
         FEDERIMED_INDEX_DIR=str(index_dir.resolve()),
         FEDERIMED_USERS_DB=str(store.path.resolve()),
         CHAINLIT_APP_ROOT=str(app_root()),
+        FEDERIMED_CHAT_BASELINES="1" if baselines else "0",
         CHAINLIT_AUTH_SECRET=env.get("CHAINLIT_AUTH_SECRET") or _auth_secret(cache_root() / AUTH_SECRET_FILE),
     )
     if not env.get("FEDERIMED_DATABASE_URL"):

@@ -197,8 +197,6 @@ def register(app: typer.Typer) -> None:
         """Run the whole story: synthesise 3 hospitals, ingest and audit them, build the guideline index,
         train the baselines and the federated adapter, evaluate and report, then start the chat with a
         printed demo login."""
-        from federimed.checkpoints import latest_round, point_latest
-
         profile = PROFILES["quick" if quick else "default"]
         paths = DemoPaths.under(workdir, quick)
         paths.state.mkdir(parents=True, exist_ok=True)
@@ -207,8 +205,7 @@ def register(app: typer.Typer) -> None:
         console.print(_intro(paths, profile, quick, lanes))
         try:
             timings = run_stages(stages, state_dir, lanes, console)
-            federated = _newest_federated_run(runs)
-            point_latest(runs, latest_round(federated)[1])  # the chat serves the federated model, whichever run ended last
+            federated = _newest_federated_run(runs)  # `runs/latest` names its last round: the chat serves it
             evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(paths.hospitals),
                                               "--runs-dir", str(runs), "--index-dir", str(paths.index),
                                               "--max-cases", str(profile.max_cases),
