@@ -94,6 +94,10 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, ge=0, description="seed for sampling, dropout and adapter initialisation")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    precision: str = Field(
+        "auto", pattern="^(auto|fp32|bf16)$",
+        description="matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16), fp32 or bf16",
+    )
 
 
 class RunSettings(_Settings):

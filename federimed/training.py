@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from federimed.config import TrainSettings
+from federimed.precision import training_autocast
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ def train_local(
     seed = settings.seed * 1_000_003 + start_step
     sampler = _batches(len(examples), settings.batch_size, torch.Generator().manual_seed(seed))
     losses, seen, tokens = [], 0, 0
+    autocast = training_autocast(settings.precision, device)
     model.train()
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(progress, steps) as bar:
@@ -278,7 +280,8 @@ def train_local(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, settings)
             batch = collate([examples[i] for i in next(sampler)], pad_id, device)
-            loss, _ = batch_loss(model, batch)
+            with autocast:
+                loss, _ = batch_loss(model, batch)
             loss.backward()
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

@@ -140,13 +140,16 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(peft, tokeni
 
 
 @pytest.mark.slow
-def test_training_lowers_held_out_loss(peft, tokenizer):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_lowers_held_out_loss(peft, tokenizer, precision):
+    """Two passes over a tiny task, in either precision (bf16 is emulated where the CPU lacks it)."""
     conditions = list(TREATMENTS)
     train = encode_dialogues(tokenizer, dialogues(16, conditions), 128)
     heldout = encode_dialogues(tokenizer, dialogues(8, conditions, start=100), 128)
     initial = adapter_state(peft)
     before, tokens = evaluate_loss(peft, heldout, batch_size=8)
-    result = train_local(peft, tokenizer, train, TrainSettings(batch_size=4, seq_len=128, lr=2e-3), steps=8)
+    settings = TrainSettings(batch_size=4, seq_len=128, lr=2e-3, precision=precision)
+    result = train_local(peft, tokenizer, train, settings, steps=8)
     after, _ = evaluate_loss(peft, heldout, batch_size=8)
     load_adapter_state(peft, initial)
     assert result.steps == 8 and result.examples_seen == 32
