@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from federimed.commands import audit_model, chat, data, demo, evaluate, export, index, security, synth, train
+from federimed.commands import audit_model, chat, cohort, data, demo, evaluate, export, index, security, synth, train
 
 app = typer.Typer(
     name="federimed",
@@ -17,6 +17,7 @@ app = typer.Typer(
 synth.register(app)
 data.register(app)
 train.register(app)
+cohort.register(app)
 security.register(app)
 index.register(app)
 chat.register(app)

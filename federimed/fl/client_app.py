@@ -9,7 +9,8 @@ Adapters travel packed into one array each way (`packed_transport`, `federimed.f
 Under secure aggregation `secagg_mod` wraps the train handler: it answers the SecAgg+ stages and
 sends only the masked update (`federimed.fl.secagg`); the outbox then holds the adapter it was made from.
 In a DP run `clip_when_asked` (`federimed.fl.dp`) clips the update to the server's bound before it leaves;
-the outbox holds the adapter before clipping.
+the outbox holds the adapter before clipping. A query message asks for this hospital's cohort counts
+(`federimed.cohort`): integer counts per diagnosis stratum, never a record.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower star
 
 SETTINGS_KEY = "settings"
 """Key in the message ConfigRecord holding RunSettings as JSON."""
+COUNTS_RECORD, DIAGNOSES_RECORD = "cohort-counts", "cohort-diagnoses"
+"""Records of a cohort-counts reply: the flat counts, and the diagnosis codes' display names."""
 
 app = ClientApp()
 
@@ -134,3 +137,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     examples = settings.heldout_sample(_load(hospital / "heldout.jsonl", settings, tokenizer))
     loss, tokens = evaluate_loss(model, examples, settings.eval_batch_size)
     return _reply(msg, hospital, {"heldout_loss": loss, "num-examples": len(examples), "tokens": tokens})
+
+
+@app.query()
+def cohort(msg: Message, context: Context) -> Message:
+    """This hospital's cohort counts over its training decisions (only counts leave)."""
+    from federimed.cohort import CohortCounts
+
+    hospital = node_hospital(context.node_config)
+    counts = CohortCounts.of_hospital(hospital)
+    content = RecordDict({
+        COUNTS_RECORD: MetricRecord(counts.to_metrics()),
+        DIAGNOSES_RECORD: ConfigRecord(counts.diagnoses),
+        HOSPITAL_RECORD: ConfigRecord({"name": hospital.name}),
+    })  # fmt: skip
+    return Message(content=content, reply_to=msg)

@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -326,25 +327,16 @@ def new_federated_run(runs_dir: Path, before: set[str]) -> Path | None:
     return None
 
 
-def federate_on_loopback(
-    hospitals: Sequence[Path],
-    options: ServerOptions,
-    app_dir: Path,
-    on_round: Callable[[dict], None] | None = None,
-    tls: TlsFiles | None = None,
-) -> Path:
-    """Run a whole federation on this machine: a SuperLink, one SuperNode per hospital and `flwr run`.
-
-    Each SuperNode trains on its own hospital directory (node config `data-path`), exactly as in a real
-    deployment. `on_round` gets each round's metrics.json as its checkpoint appears. With `tls` every
-    connection is TLS (SuperNodes and `flwr run` verify the SuperLink with its CA). Logs and FLWR_HOME
-    live in RUNS_DIR/.flower/local/. Returns the run directory; every process is stopped on the way out.
-    """
+@contextmanager
+def loopback_federation(
+    hospitals: Sequence[Path], options: ServerOptions, app_dir: Path, tls: TlsFiles | None = None
+) -> Iterator[FlowerProcess]:
+    """A whole federation on this machine: a SuperLink, one SuperNode per hospital (node config
+    `data-path`, exactly as in a real deployment) and `flwr run` of `options`, which it yields. With `tls`
+    every connection is TLS (SuperNodes and `flwr run` verify the SuperLink with its CA). Logs and
+    FLWR_HOME live in RUNS_DIR/.flower/local/; every process is stopped on the way out."""
     home = options.runs_dir / ".flower" / "local"
-    before = {p.name for p in options.runs_dir.iterdir()} if options.runs_dir.is_dir() else set()
-    run_dir: Path | None = options.runs_dir / options.resume_run if options.resume_run else None
     processes: list[FlowerProcess] = []
-    shown: set[Path] = set()
     try:
         port = free_port()
         processes.append(start_superlink(port=port, flwr_home=home, log=home / "superlink.log", tls=tls))
@@ -363,6 +355,27 @@ def federate_on_loopback(
         run = submit_run(app_dir=app_dir, connection="hospitals", run_config=config, flwr_home=home,
                          log=home / "flwr-run.log")
         processes.append(run)
+        yield run
+        if run.popen.returncode:
+            raise FlowerProcessError(f"the Flower run failed (exit {run.popen.returncode}):\n{run.tail()}\nlogs: {home}")
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def federate_on_loopback(
+    hospitals: Sequence[Path],
+    options: ServerOptions,
+    app_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+    tls: TlsFiles | None = None,
+) -> Path:
+    """Train a federation on this machine (`loopback_federation`); `on_round` gets each round's
+    metrics.json as its checkpoint appears. Returns the run directory."""
+    before = {p.name for p in options.runs_dir.iterdir()} if options.runs_dir.is_dir() else set()
+    run_dir: Path | None = options.runs_dir / options.resume_run if options.resume_run else None
+    shown: set[Path] = set()
+    with loopback_federation(hospitals, options, app_dir, tls) as run:
         while True:
             finished = not run.alive()
             run_dir = run_dir or new_federated_run(options.runs_dir, before)
@@ -375,13 +388,20 @@ def federate_on_loopback(
             if finished:
                 break
             time.sleep(2)
-        if run.popen.returncode:
-            raise FlowerProcessError(
-                f"the federated run failed (exit {run.popen.returncode}):\n{run.tail()}\nlogs: {home}"
-            )
-    finally:
-        for process in reversed(processes):
-            process.stop()
     if run_dir is None or not shown:
-        raise FlowerProcessError(f"the federated run saved no checkpoint; logs: {home}")
+        raise FlowerProcessError(f"the federated run saved no checkpoint; logs: {options.runs_dir / '.flower' / 'local'}")
     return run_dir
+
+
+def cohort_on_loopback(hospitals: Sequence[Path], options: ServerOptions, app_dir: Path) -> Path:
+    """Gather the hospitals' cohort statistics through Flower on this machine; returns the artefact."""
+    from federimed.cohort import ARTEFACT
+
+    before = set(options.runs_dir.glob(f"cohort-*/{ARTEFACT}"))
+    with loopback_federation(hospitals, options.model_copy(update={"task": "cohort"}), app_dir) as run:
+        while run.alive():
+            time.sleep(1)
+    made = sorted(set(options.runs_dir.glob(f"cohort-*/{ARTEFACT}")) - before)
+    if not made:
+        raise FlowerProcessError(f"the cohort run wrote no artefact; logs: {options.runs_dir / '.flower' / 'local'}")
+    return made[-1]

@@ -57,6 +57,12 @@ class ServerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     settings: RunSettings = Field(default_factory=RunSettings)
+    task: Literal["train", "cohort"] = Field(
+        "train", description="train the adapter, or gather cohort statistics (counts only) [task]"
+    )
+    min_cell: int = Field(
+        11, ge=1, description="cohort statistics: cells under this many patients are suppressed (CMS: 11) [min-cell]"
+    )
     hospitals: int = Field(3, ge=1, description="hospitals that must join before round 1 [hospitals]")
     min_hospitals: int = Field(1, ge=1, description="fewest replies a round needs after round 1 [min-hospitals]")
     runs_dir: Path = Field(Path("runs"), validate_default=True, description="where runs are written [runs-dir]")

@@ -1,0 +1,153 @@
+"""Federated cohort statistics: counts per diagnosis stratum at each hospital, summed through Flower,
+small cells suppressed before anything is stored; the artefact holds no patient identifier."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from federimed.cohort import CohortCounts, age_band, latest_artefact, lookup, release, stratum_key, write_artefact
+
+HTN, DM, RARE = "59621000", "44054006", "254637007"
+NAMES = {HTN: "Essential hypertension (disorder)", DM: "Diabetes mellitus type 2 (disorder)",
+         RARE: "Non-small cell lung cancer (disorder)"}  # fmt: skip
+
+# hospital → (patient, age, sex, diagnosis, drugs) per training decision
+HOSPITALS = {
+    "north": [("n1", 58, "male", HTN, ["lisinopril"]), ("n2", 54, "male", HTN, ["lisinopril"]),
+              ("n3", 61, "female", HTN, ["amlodipine"]), ("n1", 59, "male", DM, ["metformin"])],
+    "south": [("s1", 55, "male", HTN, ["lisinopril", "hydrochlorothiazide"]), ("s2", 52, "male", HTN, []),
+              ("s3", 47, "female", DM, ["metformin"]), ("s4", 49, "female", DM, ["metformin"])],
+    "east": [("e1", 93, "female", HTN, ["hydrochlorothiazide"]), ("e2", 70, "male", RARE, ["cisplatin"])],
+}  # fmt: skip
+
+
+def write_hospital(folder: Path, rows: list[tuple]) -> None:
+    folder.mkdir(parents=True)
+    dialogues, targets = [], []
+    for i, (patient, age, sex, dx, drugs) in enumerate(rows):
+        case_id = f"{folder.name}-{i}"
+        shown_age = "90+" if age >= 90 else str(age)
+        user = f"Patient: {shown_age}-year-old {sex}\nNew diagnosis: {NAMES[dx].split(' (')[0]}\nQuestion: What?"
+        dialogues.append({"id": case_id, "patient": patient, "messages": [
+            {"role": "system", "content": "s"}, {"role": "user", "content": user},
+            {"role": "assistant", "content": f"Start medications: {', '.join(drugs) or 'none'}."}]})  # fmt: skip
+        targets.append({"id": case_id, "patient": patient, "diagnosis": {"code": dx, "display": NAMES[dx]},
+                        "drugs": [{"code": "1", "display": d, "ingredients": [d]} for d in drugs],
+                        "procedures": [], "careplans": [], "careplan_activities": []})  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps({"hospital": folder.name}))
+    (folder / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dialogues))
+    (folder / "targets.train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in targets))
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Path:
+    for name, rows in HOSPITALS.items():
+        write_hospital(tmp_path / "hospitals" / name, rows)
+    return tmp_path / "hospitals"
+
+
+def pooled_by_hand() -> dict[str, dict]:
+    """The expected counts, straight from the pooled rows (patients are distinct across hospitals)."""
+    patients, decisions, drugs = defaultdict(set), Counter(), defaultdict(Counter)
+    for hospital, rows in HOSPITALS.items():
+        for patient, age, sex, dx, started in rows:
+            band = "90+" if age >= 90 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"
+            for key in (f"{dx}|*|*", f"{dx}|{band}|{sex}"):
+                patients[key].add((hospital, patient))
+                decisions[key] += 1
+                drugs[key].update(started)
+    return {k: {"patients": len(p), "decisions": decisions[k], "drugs": dict(drugs[k])} for k, p in patients.items()}
+
+
+def as_plain(artefact: dict) -> dict[str, dict]:
+    return {k: {"patients": c["patients"], "decisions": c["decisions"], "drugs": c["drugs"]}
+            for k, c in artefact["strata"].items()}
+
+
+def test_age_bands_and_strata() -> None:
+    assert [age_band(a) for a in ("0", "9", "58", "89", "90+")] == ["0-9", "0-9", "50-59", "80-89", "90+"]
+    assert stratum_key(HTN) == f"{HTN}|*|*" and stratum_key(HTN, "50-59", "male") == f"{HTN}|50-59|male"
+
+
+def test_summed_hospital_counts_equal_the_pooled_counts(federation: Path) -> None:
+    total = CohortCounts()
+    for name in HOSPITALS:
+        one = CohortCounts.of_hospital(federation / name)
+        total.add(CohortCounts.from_metrics(one.to_metrics(), one.diagnoses))  # as it travels
+    artefact = release(total, min_cell=1, hospitals=list(HOSPITALS))
+    assert as_plain(artefact) == pooled_by_hand()
+    assert artefact["strata"][f"{HTN}|*|*"]["hospitals"] == 3 and artefact["diagnoses"][HTN] == "Essential hypertension"
+
+
+def test_small_cells_are_suppressed_before_release(federation: Path) -> None:
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
+    text = json.dumps(artefact)
+    assert RARE not in text and "cisplatin" not in text and "lung cancer" not in text.lower()
+    assert all(c["patients"] >= 3 and c["decisions"] >= 3 for c in artefact["strata"].values())
+    assert all(n >= 3 for c in artefact["strata"].values() for n in c["drugs"].values())
+    hypertension = artefact["strata"][f"{HTN}|*|*"]  # 6 patients: lisinopril 3, amlodipine 1, HCTZ 2
+    assert hypertension["drugs"] == {"lisinopril": 3} and hypertension["suppressed_drugs"] == 2
+    assert artefact["suppressed_strata"] > 0
+
+
+def test_lookup_backs_off_to_the_diagnosis_when_the_stratum_is_small(federation: Path, tmp_path: Path) -> None:
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    write_artefact(tmp_path / "runs", release(total, min_cell=3, hospitals=list(HOSPITALS)))
+    artefact = latest_artefact(tmp_path / "runs")
+    narrow = lookup(artefact, HTN, "50-59", "male")  # n1, n2, s1, s2: 4 patients
+    assert narrow.stratum == "Essential hypertension, 50-59, male" and narrow.patients == 4
+    assert narrow.drugs == [("lisinopril", 0.75)] and narrow.hospitals == 2
+    wide = lookup(artefact, HTN, "90+", "female")  # one patient in that stratum: suppressed
+    assert wide.stratum == "Essential hypertension (all ages and sexes)" and wide.patients == 6
+    assert lookup(artefact, RARE, "70-79", "male") is None
+    assert latest_artefact(tmp_path / "nothing") is None
+
+
+def test_a_case_without_its_patient_line_is_named(tmp_path: Path) -> None:
+    write_hospital(tmp_path / "h", [("p", 50, "male", HTN, [])])
+    (tmp_path / "h" / "train.jsonl").write_text(json.dumps(
+        {"id": "h-0", "patient": "p", "messages": [{"role": "user", "content": "no header"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: no 'Patient: N-year-old SEX' line"):
+        CohortCounts.of_hospital(tmp_path / "h")
+
+
+@pytest.mark.slow
+def test_counts_through_flower_equal_the_pooled_counts_and_hide_small_cells(federation: Path, tmp_path: Path) -> None:
+    from federimed.commands.train import _app_dir
+    from federimed.fl.deployment import cohort_on_loopback
+    from federimed.fl.settings import ServerOptions
+
+    runs = tmp_path / "runs"
+    hospitals = sorted(federation.iterdir())
+    path = cohort_on_loopback(hospitals, ServerOptions(hospitals=3, runs_dir=runs, min_cell=1), _app_dir())
+    assert as_plain(json.loads(path.read_text())) == pooled_by_hand()
+
+    suppressed = cohort_on_loopback(hospitals, ServerOptions(hospitals=3, runs_dir=runs, min_cell=3), _app_dir())
+    artefact = json.loads(suppressed.read_text())
+    assert artefact["hospitals"] == ["east", "north", "south"] and artefact["min_cell"] == 3
+    assert RARE not in suppressed.read_text() and "cisplatin" not in suppressed.read_text()
+    logs = "".join(p.read_text(errors="replace") for p in (runs / ".flower").rglob("*.log"))
+    assert "cohort statistics of 3 hospitals" in logs
+    assert RARE not in logs and "cisplatin" not in logs
+
+
+def test_the_artefact_of_real_records_passes_the_identifier_audit(ma_csv: Path, tmp_path: Path) -> None:
+    from ingest.audit import collect_identifiers, scan
+    from ingest.pipeline import ingest
+    from ingest.readers import read_source
+
+    ingest([ma_csv], "ma", tmp_path / "hospitals")
+    counts = CohortCounts.of_hospital(tmp_path / "hospitals" / "ma")
+    path = write_artefact(tmp_path / "runs", release(counts, min_cell=1, hospitals=["ma"]))
+    assert json.loads(path.read_text())["strata"], "real records give cohort counts"
+    hits, files = scan(path.parent, collect_identifiers([read_source(ma_csv)]))
+    assert files == 1 and hits == []
