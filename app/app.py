@@ -108,6 +108,9 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
         async with cl.Step(name=chat_ui.RETRIEVAL_STEP, type="retrieval") as retrieval_step:
             snippets = await cl.make_async(assistant.retrieve)(case_text)
             retrieval_step.output = chat_ui.retrieval_summary(snippets)
+    if cohort := await cl.make_async(assistant.cohort)(case_text):
+        async with cl.Step(name=chat_ui.COHORT_STEP, type="tool") as cohort_step:
+            cohort_step.output = cohort
     if assistant.notice:
         await cl.Message(content=f"_{assistant.notice}_").send()
     answer = cl.Message(content="")

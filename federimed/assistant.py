@@ -280,6 +280,16 @@ class Assistant:
         snippets = self.retrieve(case_text, k) if use_retrieval else []
         return Prepared.of(case_text, snippets)
 
+    def cohort(self, case_text: str) -> str | None:
+        """"Patients like this in the federation": the released cohort counts for this de-identified case
+        (`federimed.cohort`), as markdown; None when no cohort artefact was made in the runs folder."""
+        from federimed.cohort import describe, for_case, latest_artefact
+
+        artefact = latest_artefact(self.runs_dir)
+        if artefact is None:
+            return None
+        return describe(for_case(artefact, case_text), artefact["min_cell"])
+
     def generate(
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ) -> Iterator[str]:

@@ -15,6 +15,7 @@ from federimed.retrieval import Snippet
 
 CASE_STEP = "De-identification"
 RETRIEVAL_STEP = "Guideline retrieval"
+COHORT_STEP = "Patients like this in the federation"
 BUNDLE_MIMES = {"application/json", "application/fhir+json"}
 DISCLAIMER = (
     "Decision support only: not a substitute for clinical judgement. "

@@ -207,6 +207,42 @@ def lookup(artefact: Mapping[str, Any], diagnosis: str, band: str | None, sex: s
     return None
 
 
+_NEW_DIAGNOSIS_LINE = re.compile(r"(?im)^New diagnosis:\s*(.+)$")
+
+
+def for_case(artefact: Mapping[str, Any], case_text: str) -> Cohort | None:
+    """Counts for the patient of a de-identified case: its first new diagnosis (by name, as ingest
+    renders it), age band and sex; None when the case names no diagnosis the federation released."""
+    diagnosis = _NEW_DIAGNOSIS_LINE.search(case_text)
+    if diagnosis is None:
+        return None
+    wanted = diagnosis.group(1).split(";")[0].strip().lower()
+    code = next((c for c, name in artefact["diagnoses"].items() if name.lower() == wanted), None)
+    if code is None:
+        return None
+    patient = _PATIENT_LINE.search(case_text)
+    band, sex = (age_band(patient.group(1)), patient.group(2)) if patient else (None, None)
+    return lookup(artefact, code, band, sex)
+
+
+def describe(cohort: Cohort | None, min_cell: int) -> str:
+    """Markdown for the doctor: who was counted, the drugs started and their shares, what was suppressed."""
+    if cohort is None:
+        return (f"No counts for this diagnosis: fewer than {min_cell} patients across the federation had it, "
+                "or it was never seen (small cells are not shown).")
+    n = cohort.hospitals
+    lines = [f"**{cohort.patients} patients** ({cohort.decisions} treatment decisions) at {n} "
+             f"hospital{'' if n == 1 else 's'} — {cohort.stratum}."]
+    if cohort.drugs:
+        lines.append("Started: " + ", ".join(f"{drug} {share:.0%}" for drug, share in cohort.drugs) + ".")
+    else:
+        lines.append("No drug was started often enough to be shown.")
+    if cohort.suppressed_drugs:
+        lines.append(f"{cohort.suppressed_drugs} other drug{'' if cohort.suppressed_drugs == 1 else 's'} started in "
+                     f"fewer than {cohort.min_cell} decisions not shown.")
+    return "\n\n".join(lines)
+
+
 def _jsonl(path: Path):
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):

@@ -151,3 +151,29 @@ def test_the_artefact_of_real_records_passes_the_identifier_audit(ma_csv: Path, 
     assert json.loads(path.read_text())["strata"], "real records give cohort counts"
     hits, files = scan(path.parent, collect_identifiers([read_source(ma_csv)]))
     assert files == 1 and hits == []
+
+
+def test_a_case_gets_the_counts_of_patients_like_it(federation: Path, tmp_path: Path) -> None:
+    from federimed.assistant import Assistant
+    from federimed.cohort import describe, for_case
+
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
+    case = "Patient: 57-year-old male\nNew diagnosis: Essential hypertension\nAllergies: none"
+    cohort = for_case(artefact, case)
+    assert cohort.stratum == "Essential hypertension, 50-59, male" and cohort.patients == 4
+    text = describe(cohort, 3)
+    assert "**4 patients** (4 treatment decisions) at 2 hospitals" in text and "lisinopril 75%" in text
+    assert for_case(artefact, "Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer") is None
+    assert for_case(artefact, "no structured lines at all") is None
+    assert "fewer than 3 patients" in describe(None, 3)
+
+    runs = tmp_path / "runs"
+    assistant = Assistant(adapter="base", runs_dir=runs, retrieval=False)
+    assert assistant.cohort(case) is None  # no artefact yet: nothing to show
+    write_artefact(runs, artefact)
+    assert assistant.cohort(case) == text
+    rare = assistant.cohort("Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer")
+    assert "cisplatin" not in rare and "No counts" in rare

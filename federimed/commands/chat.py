@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.table import Table
 
@@ -76,6 +77,8 @@ def ask(
         for n, s in enumerate(prepared.snippets, 1):
             table.add_row(str(n), f"{s.title} — {s.section}", s.url or s.source, f"{s.score:.2f}")
         console.print(table)
+    if cohort := assistant.cohort(prepared.case_text):
+        console.print(Panel(Markdown(cohort), title="Patients like this in the federation", border_style="cyan"))
     console.print("[dim]Decision support only: not a substitute for clinical judgement (synthetic training data).[/]")
 
 

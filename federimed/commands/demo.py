@@ -33,14 +33,15 @@ class Profile:
     max_cases: int  # held-out cases evaluated per hospital
     heldout_max: int  # held-out dialogues per hospital scored at each checkpoint
     answer_tokens: int  # longest generated answer in the evaluation
+    min_cell: int  # cohort statistics: smallest cell shown (below the CMS rule of 11: synthetic data only)
 
 
 PROFILES = {
     # Sized for a 2-core CPU (README "Demo timings").
     "default": Profile(patients=20, rounds=2, local_steps=5, batch_size=4, seq_len=256, max_cases=10, heldout_max=24,
-                       answer_tokens=48),
+                       answer_tokens=48, min_cell=5),
     "quick": Profile(patients=4, rounds=1, local_steps=1, batch_size=2, seq_len=256, max_cases=2, heldout_max=4,
-                     answer_tokens=32),
+                     answer_tokens=32, min_cell=2),
 }
 
 
@@ -96,6 +97,9 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
               [hospitals_dir / name], after=["ingest"], always=True)
         for audit, name in zip(audits, hospital_names)
     ]
+    stages.append(Stage("cohort statistics", ["cohort", "--data", str(hospitals_dir), "--runs-dir", str(runs),
+                                              "--min-cell", str(profile.min_cell)], [hospitals_dir], after=audits,
+                        produced=lambda: any(runs.glob("cohort-*/cohort.json"))))
     train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
                   "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
                   "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
@@ -141,8 +145,11 @@ def _intro(paths: DemoPaths, profile: Profile, quick: bool, lanes: int) -> Panel
         "file for patient identifiers.",
         f"3. Train the federated LoRA adapter with Flower ({profile.rounds} rounds x {profile.local_steps} local "
         "steps per hospital) and, for comparison, a centralized and three local-only baselines.",
-        "4. Evaluate every model on held-out patients, with and without guideline retrieval, and print the report.",
-        "5. Print a doctor's login and start the chat.",
+        f"4. Count what similar patients received across the federation (Flower, counts only; cells under "
+        f"{profile.min_cell} patients suppressed: below the CMS rule of 11, for this small synthetic federation only).",
+        "5. Evaluate every model, and the counting baselines, on held-out patients, with and without guideline "
+        "retrieval, and print the report with paired differences.",
+        "6. Print a doctor's login and start the chat.",
     ]
     return Panel(
         "\n".join(steps) + f"\n\nThis takes {minutes}; stages run side by side (up to {lanes} at once) and are "
@@ -209,7 +216,8 @@ def register(app: typer.Typer) -> None:
             evaluation = Stage("evaluation", ["evaluate", "--run", str(federated), "--data", str(paths.hospitals),
                                               "--runs-dir", str(runs), "--index-dir", str(paths.index),
                                               "--max-cases", str(profile.max_cases),
-                                              "--max-new-tokens", str(profile.answer_tokens)],
+                                              "--max-new-tokens", str(profile.answer_tokens),
+                                              "--min-cell", str(profile.min_cell)],
                                [federated, paths.hospitals],
                                produced=lambda: (federated / "eval" / "report.json").is_file())
             timings |= run_stages([evaluation], state_dir, 1, console)

@@ -327,6 +327,12 @@ def new_federated_run(runs_dir: Path, before: set[str]) -> Path | None:
     return None
 
 
+def loopback_home(options: ServerOptions) -> Path:
+    """FLWR_HOME and logs of a loopback federation: RUNS_DIR/.flower/local for training, .flower/cohort
+    for cohort statistics (the two may run side by side)."""
+    return options.runs_dir / ".flower" / ("local" if options.task == "train" else options.task)
+
+
 @contextmanager
 def loopback_federation(
     hospitals: Sequence[Path], options: ServerOptions, app_dir: Path, tls: TlsFiles | None = None
@@ -334,8 +340,8 @@ def loopback_federation(
     """A whole federation on this machine: a SuperLink, one SuperNode per hospital (node config
     `data-path`, exactly as in a real deployment) and `flwr run` of `options`, which it yields. With `tls`
     every connection is TLS (SuperNodes and `flwr run` verify the SuperLink with its CA). Logs and
-    FLWR_HOME live in RUNS_DIR/.flower/local/; every process is stopped on the way out."""
-    home = options.runs_dir / ".flower" / "local"
+    FLWR_HOME live in `loopback_home(options)`; every process is stopped on the way out."""
+    home = loopback_home(options)
     processes: list[FlowerProcess] = []
     try:
         port = free_port()
@@ -389,7 +395,7 @@ def federate_on_loopback(
                 break
             time.sleep(2)
     if run_dir is None or not shown:
-        raise FlowerProcessError(f"the federated run saved no checkpoint; logs: {options.runs_dir / '.flower' / 'local'}")
+        raise FlowerProcessError(f"the federated run saved no checkpoint; logs: {loopback_home(options)}")
     return run_dir
 
 
@@ -398,10 +404,11 @@ def cohort_on_loopback(hospitals: Sequence[Path], options: ServerOptions, app_di
     from federimed.cohort import ARTEFACT
 
     before = set(options.runs_dir.glob(f"cohort-*/{ARTEFACT}"))
-    with loopback_federation(hospitals, options.model_copy(update={"task": "cohort"}), app_dir) as run:
+    options = options.model_copy(update={"task": "cohort"})
+    with loopback_federation(hospitals, options, app_dir) as run:
         while run.alive():
             time.sleep(1)
     made = sorted(set(options.runs_dir.glob(f"cohort-*/{ARTEFACT}")) - before)
     if not made:
-        raise FlowerProcessError(f"the cohort run wrote no artefact; logs: {options.runs_dir / '.flower' / 'local'}")
+        raise FlowerProcessError(f"the cohort run wrote no artefact; logs: {loopback_home(options)}")
     return made[-1]
