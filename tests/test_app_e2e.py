@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,18 @@ def _demo_order_runs(runs: Path) -> str:
     return federated.id
 
 
+def _cohort_artefact(runs: Path) -> None:
+    """Released cohort counts for the test case's diagnosis (hypertension, 50-59, male), as `federimed cohort`
+    writes them; another diagnosis counted by too few patients is suppressed."""
+    from federimed.cohort import Cell, CohortCounts, release, stratum_key, write_artefact
+
+    counts = CohortCounts(diagnoses={"59621000": "Essential hypertension", "254637007": "Non-small cell lung cancer"})
+    counts.cells[stratum_key("59621000")] = Cell(40, 52, Counter(lisinopril=30, amlodipine=12, losartan=3), 3)
+    counts.cells[stratum_key("59621000", "50-59", "male")] = Cell(14, 16, Counter(lisinopril=11, amlodipine=4), 2)
+    counts.cells[stratum_key("254637007")] = Cell(2, 2, Counter(cisplatin=2), 1)
+    write_artefact(runs, release(counts, min_cell=11, hospitals=["childrens", "general", "geriatric-cardiac"]))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -83,6 +96,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     users.add("dr.grey", PASSWORD)
     users.add("dr.house", PASSWORD)
     federated = _demo_order_runs(tmp / "runs")
+    _cohort_artefact(tmp / "runs")
     port = _free_port()
     database = tmp / "chainlit.db"
     env = {k: v for k, v in os.environ.items() if k != "CI"}  # chainlit run behaves differently under CI
@@ -182,6 +196,15 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     assert f"Model: {server.federated}/round-1 · federated" in text and "synthetic" in text
     assert page.locator("[id='step-Guideline retrieval']").count() == 1
     assert page.locator("[id='step-De-identification']").count() == 1
+    cohort = page.locator("[id='step-Patients like this in the federation']")
+    assert cohort.count() == 1, "the cohort panel is shown beside the answer"
+    cohort.first.click()  # open the step
+    page.wait_for_selector("text=14 patients", timeout=30_000)
+    panel = page.locator("text=14 patients").first.locator("xpath=ancestor::*[contains(., 'Started:')][1]").inner_text()
+    assert "lisinopril 69%" in panel and "Essential hypertension, 50-59, male" in panel, panel
+    assert "amlodipine" not in panel, panel  # started in 4 of 16 decisions: under 11, never shown
+    assert "cisplatin" not in page.content()  # a suppressed diagnosis never reaches the chat
+    page.screenshot(path=str(ARTIFACTS / "chat-cohort.png"), full_page=True)
     links = answer.locator(".element-link")
     assert links.count() >= 1, "the answer names at least one guideline source"
     assert re.search(r"Source 1: Hypertension", links.first.inner_text(), re.IGNORECASE)
