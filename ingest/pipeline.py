@@ -34,10 +34,12 @@ def _check_source(path: Path) -> None:
 
 
 def split_patients(patients: Sequence[str], heldout_share: float, seed: int) -> set[str]:
-    """The held-out subset of ``patients`` (salted pseudonyms): deterministic for a seed.
+    """The held-out subset of ``patients``: deterministic for a seed.
 
-    Patients are ordered by a hash of seed and pseudonym; the first ``round(n * share)`` are held out,
-    at least one and never all of them when there are two or more and the share is positive.
+    Patients are ordered by a hash of seed and id; the first ``round(n * share)`` are held out, at least
+    one and never all of them when there are two or more and the share is positive. `ingest` passes the
+    source records' ids (kept in memory, never written), so that the split follows the recorded seed
+    alone: every ingest of the same records scores the same patients, whatever the hospital's salt.
     """
     if not 0 <= heldout_share < 1:
         raise ValueError(f"heldout share must be in [0, 1), got {heldout_share}")
@@ -114,7 +116,9 @@ def ingest(
     report("cases", len(timelines), len(timelines))
 
     patients = [c.patient for c in cases]
-    heldout = split_patients(patients, heldout_share, seed)
+    source_id = {pseudonym.patient(t.patient): t.patient.id for t in timelines}
+    heldout_ids = split_patients([source_id[p] for p in patients], heldout_share, seed)
+    heldout = {p for p in patients if source_id[p] in heldout_ids}
     parts = {
         "train": [c for c in cases if c.patient not in heldout],
         "heldout": [c for c in cases if c.patient in heldout],

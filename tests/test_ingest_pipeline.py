@@ -72,6 +72,23 @@ def test_ingest_is_deterministic_and_the_seed_moves_the_split(ma_csv, tmp_path) 
     assert (tmp_path / "h" / "heldout.jsonl").read_bytes() != before["heldout.jsonl"]
 
 
+def test_the_split_stays_the_same_across_ingests_with_fresh_salts(ma_csv, tmp_path) -> None:
+    """Two ingests of the same records into fresh folders (each with its own secret salt, so other
+    pseudonyms) hold out the same patients: the split follows the recorded seed alone."""
+
+    def cases(folder, split):
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        return sorted(tuple(m["content"] for m in row["messages"]) for row in rows)
+
+    ingest([ma_csv], "h", tmp_path / "first")
+    ingest([ma_csv], "h", tmp_path / "second")
+    first, second = tmp_path / "first" / "h", tmp_path / "second" / "h"
+    assert (first / ".salt").read_text() != (second / ".salt").read_text()
+    assert (first / "heldout.jsonl").read_text() != (second / "heldout.jsonl").read_text()  # other pseudonyms
+    assert cases(first, "heldout") == cases(second, "heldout") and cases(first, "heldout")
+    assert cases(first, "train") == cases(second, "train")
+
+
 def test_a_single_bundle_file_name_does_not_leak_into_the_manifest(ma_fhir, tmp_path) -> None:
     path = next(ma_fhir.glob("Thad495_*.json"))
     manifest = ingest([path], "h", tmp_path)
