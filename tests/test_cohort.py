@@ -177,3 +177,21 @@ def test_a_case_gets_the_counts_of_patients_like_it(federation: Path, tmp_path: 
     assert assistant.cohort(case) == text
     rare = assistant.cohort("Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer")
     assert "cisplatin" not in rare and "No counts" in rare
+
+
+def test_cohort_counts_can_be_given_to_the_model_as_context(federation: Path) -> None:
+    from federimed.evaluation.compare import cohort_prompts
+    from federimed.evaluation.runner import HeldoutCase
+
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
+    case = HeldoutCase("c", "north", [{"role": "user", "content": "Patient: 57-year-old male\nNew diagnosis: "
+                                       "Essential hypertension"}], "", frozenset(), (), ())
+    [[system, user]] = cohort_prompts([case], artefact)
+    assert system["content"].endswith("What patients like this received across the federation: 4 patients (4 "
+                                      "treatment decisions) at 2 hospitals — Essential hypertension, 50-59, male.\n\n"
+                                      "Started: lisinopril 75%.\n\n1 other drug started in fewer than 3 decisions "
+                                      "not shown.")
+    assert user["content"].startswith("Patient: 57-year-old male") and "Question:" in user["content"]

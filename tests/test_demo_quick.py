@@ -50,13 +50,14 @@ def test_quick_demo_from_the_repository_root_writes_a_finite_report() -> None:
     report = json.loads((federated / "eval" / "report.json").read_text())
     labels = {(m["model"], m["retrieval"]) for m in report["models"]}
     expected = {"base", "federated", "centralized"} | {f"local:{h}" for h in report["hospitals"]}
-    assert labels == {(name, rag) for name in expected for rag in (False, True)}
+    assert labels == {(name, rag) for name in expected for rag in (False, True)} | {("federated+counts", False)}
     assert report["cases"] > 0 and not report["missing"]
     assert [r["round"] for r in report["f1_per_round"]] == [0, 1]  # the base model, then the one round
     assert len(report["examples"]) >= 1
     counts = {c["model"] for c in report["counts"]}  # the counting baselines, on the same cases
     assert {"counts:pooled", "counts:pooled (k=11)"} | {f"counts:local:{h}" for h in report["hospitals"]} <= counts
-    assert {r["comparison"] for r in report["paired"]} >= {"federated − base", "federated − pooled counts"}
+    assert {r["comparison"] for r in report["paired"]} >= {
+        "federated − base", "federated − pooled counts", "federated with cohort counts − federated"}
     assert "the best hospital alone" in (federated / "eval" / "report.md").read_text()
     pooled_n = {m["pooled"]["n"] for m in [*report["models"], *report["counts"]]}
     assert pooled_n == {report["cases"]}

@@ -51,7 +51,14 @@ def evaluate(
     """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
     ROUGE-L, held-out loss, with 95 % bootstrap CIs; writes RUN/eval/report.{md,json} and plots."""
     from federimed.checkpoints import CheckpointError, latest_round
-    from federimed.evaluation.compare import evaluate_contenders, f1_per_round, find_contenders, vocabulary
+    from federimed.cohort import latest_artefact
+    from federimed.evaluation.compare import (
+        evaluate_contenders,
+        f1_per_round,
+        find_contenders,
+        score_with_counts,
+        vocabulary,
+    )
     from federimed.evaluation.counting import count_baselines
     from federimed.evaluation.report import build_report, rich_paired, rich_table, write_report
     from federimed.evaluation.runner import load_heldout
@@ -85,6 +92,12 @@ def evaluate(
         if external:
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
             external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
+        artefact = latest_artefact(runs_dir)
+        federated_model = next((c for c in contenders if c.kind == "federated"), None)
+        if artefact is not None and federated_model is not None:  # cohort counts as context, like retrieval
+            bar.update(task, description="answering held-out cases (federated + cohort counts)")
+            scores.append(score_with_counts(federated_model, cases, vocab, artefact, settings=settings,
+                                            max_new_tokens=max_new_tokens))
         plain = {s.model: s.summary()["drug_f1"]["mean"] for s in scores if not s.retrieval}
         known = {0: plain["base"]} if "base" in plain else {}  # round 0: the global adapter starts from the base
         if "federated" in plain:

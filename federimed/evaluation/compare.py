@@ -13,6 +13,8 @@ from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.runner import HeldoutCase, ModelScores, score_model
 
 KINDS = ("base", "local", "federated", "centralized")
+WITH_COUNTS = "federated+counts"
+"""Label of the federated model answering with the cohort counts as context."""
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 
 
@@ -75,6 +77,34 @@ def retrieval_prompts(cases: Sequence[HeldoutCase], index_dir: Path | None, k: i
 
     index = GuidelineIndex.load(index_dir) if index_dir else ensure_default_index()
     return [build_prompt(c.case_text, index.search(retrieval_query(c.case_text), k=k)) for c in cases]
+
+
+def cohort_prompts(cases: Sequence[HeldoutCase], artefact: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """Each case's prompt with the federation's released cohort counts for it in the system message, as
+    retrieval adds guideline excerpts (the model was never trained with them: measured, not assumed)."""
+    from federimed.assistant import build_prompt
+    from federimed.cohort import describe, for_case
+
+    prompts = []
+    for case in cases:
+        counts = describe(for_case(artefact, case.case_text), artefact["min_cell"]).replace("**", "")
+        system, user = build_prompt(case.case_text, [])
+        system = {**system, "content": system["content"] + f"\n\nWhat patients like this received across the federation: {counts}"}
+        prompts.append([system, user])
+    return prompts
+
+
+def score_with_counts(
+    federated: Contender, cases: Sequence[HeldoutCase], vocab: DrugVocabulary, artefact: dict[str, Any], *,
+    settings: ModelSettings, max_new_tokens: int = 48, batch_size: int = 8,
+) -> ModelScores:
+    """The federated model answering with the cohort counts in its prompt (`cohort_prompts`), labelled
+    `WITH_COUNTS`."""
+    from federimed.serving.select import load_engine
+
+    engine = load_engine(settings, federated.adapter, purpose="evaluation")
+    return score_model(WITH_COUNTS, engine, cases, vocab, prompts=cohort_prompts(cases, artefact),
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def heldout_loss(model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], seq_len: int) -> float:
