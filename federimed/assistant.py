@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -158,7 +159,7 @@ def resolve_version(spec: str | Path | None, runs_dir: Path) -> tuple[ModelVersi
     try:
         path = resolve_checkpoint(str(spec), runs_dir)
     except CheckpointError:
-        if str(spec) == "latest":  # only a federated run points it: baselines are not served by default
+        if str(spec) == "latest" and not os.path.lexists(Path(runs_dir) / "latest"):  # only federated runs set it
             return ModelVersion(BASE), f"No federated run in {runs_dir} yet: answering with the base model."
         raise
     for info in list_versions(runs_dir):
@@ -282,13 +283,12 @@ class Assistant:
 
     def cohort(self, case_text: str) -> str | None:
         """"Patients like this in the federation": the released cohort counts for this de-identified case
-        (`federimed.cohort`), as markdown; None when no cohort artefact was made in the runs folder."""
-        from federimed.cohort import describe, for_case, latest_artefact
+        (`federimed.cohort`), as markdown; None when the case names no new diagnosis or no cohort artefact
+        was made in the runs folder."""
+        from federimed.cohort import for_case, latest_artefact
 
         artefact = latest_artefact(self.runs_dir)
-        if artefact is None:
-            return None
-        return describe(for_case(artefact, case_text), artefact["min_cell"])
+        return for_case(artefact, case_text) if artefact is not None else None
 
     def generate(
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -4,10 +4,12 @@ the federation. Only counts travel; small cells are suppressed before anything i
 A hospital counts, over its training decisions (`targets.train.jsonl`, with age band and sex from the
 matching dialogue's "Patient:" line), for each new diagnosis (SNOMED code) and each stratum (diagnosis
 alone; diagnosis × age band × sex): distinct patients, decisions, and for each drug ingredient the
-decisions in which it was started. The server sums the hospitals' counts (`CohortCounts.add`) and
-`release` suppresses every cell below `min_cell` patients or decisions (default 11, the CMS rule for
-published tables) before the artefact is written. `lookup` backs off from the narrowest stratum to the
-diagnosis alone when the narrow one was suppressed.
+distinct patients who were started on it. The server sums the hospitals' counts (`CohortCounts.add`);
+it sees these raw sums, as it sees adapters without SecAgg+. `release` suppresses every count below
+`min_cell` patients (default 11, the CMS rule for published tables) before the artefact is written,
+with complementary suppression so that no suppressed count can be worked out by subtracting released
+ones: a diagnosis's age-and-sex cells are released only when every one of them passes, and a drug's
+count in them only when it passes in every one. `lookup` backs off to the diagnosis alone.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ingest.cases import clean_display
 
 CMS_MIN_CELL = 11
 """CMS cell-size suppression: no published cell may count fewer than 11 beneficiaries."""
@@ -47,7 +51,7 @@ class Cell:
 
     patients: int = 0
     decisions: int = 0
-    drugs: Counter[str] = field(default_factory=Counter)
+    drugs: Counter[str] = field(default_factory=Counter)  # ingredient → patients started on it
     hospitals: int = 0
 
 
@@ -70,24 +74,25 @@ class CohortCounts:
             user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
             match = _PATIENT_LINE.search(user)
             if match is None:
-                raise ValueError(f"{dialogues}, line {line_no}: no 'Patient: N-year-old SEX' line in the case")
+                raise ValueError(f"{dialogues.name}, line {line_no}: no 'Patient: N-year-old SEX' line in the case")
             who[row["id"]] = (age_band(match.group(1)), match.group(2))
         patients: dict[str, set[str]] = defaultdict(set)
+        started: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         counts = cls()
         for line_no, target in _jsonl(targets):
-            if target["id"] not in who:
-                raise ValueError(f"{targets}, line {line_no}: decision {target['id']} has no dialogue in {dialogues}")
+            if target["id"] not in who:  # the error may reach the server: it names a line, never an id
+                raise ValueError(f"{targets.name}, line {line_no}: the decision has no dialogue in {dialogues.name}")
             code = target["diagnosis"]["code"]
-            counts.diagnoses[code] = _clean(target["diagnosis"]["display"])
-            drugs = {i for d in target["drugs"] for i in d["ingredients"]}
+            counts.diagnoses[code] = clean_display(target["diagnosis"]["display"])
             for key in (stratum_key(code), stratum_key(code, *who[target["id"]])):
-                cell = counts.cells[key]
                 patients[key].add(target["patient"])
-                cell.decisions += 1
-                cell.drugs.update(drugs)
+                counts.cells[key].decisions += 1
+                for ingredient in {i for d in target["drugs"] for i in d["ingredients"]}:
+                    started[key][ingredient].add(target["patient"])
         for key, seen in patients.items():
-            counts.cells[key].patients = len(seen)
-            counts.cells[key].hospitals = 1
+            cell = counts.cells[key]
+            cell.patients, cell.hospitals = len(seen), 1
+            cell.drugs = Counter({drug: len(who_got) for drug, who_got in started[key].items()})
         return counts
 
     def add(self, other: CohortCounts) -> None:
@@ -127,31 +132,45 @@ class CohortCounts:
 
 
 def release(counts: CohortCounts, min_cell: int, hospitals: list[str]) -> dict[str, Any]:
-    """The artefact: every stratum with at least `min_cell` patients, and within it every drug started in at
-    least `min_cell` decisions; what was suppressed is counted, never shown."""
-    strata, suppressed_strata = {}, 0
-    for key, cell in sorted(counts.cells.items()):
-        if cell.patients < min_cell or cell.decisions < min_cell:
-            suppressed_strata += 1
+    """The artefact: counts of at least `min_cell` patients only, suppressed so that no hidden count can be
+    derived from the released ones (module docstring); what was suppressed is counted, never shown."""
+    by_diagnosis: dict[str, list[str]] = defaultdict(list)
+    for key in counts.cells:
+        if not key.endswith(f"|{ANY}|{ANY}"):
+            by_diagnosis[key.split("|")[0]].append(key)
+    strata, suppressed = {}, 0
+    for code in sorted(counts.diagnoses):
+        whole = counts.cells.get(stratum_key(code))
+        narrow = sorted(by_diagnosis[code])
+        if whole is None or whole.patients < min_cell:
+            suppressed += 1 + len(narrow)
             continue
-        shown = {drug: n for drug, n in cell.drugs.most_common() if n >= min_cell}
-        strata[key] = {
-            "patients": cell.patients,
-            "decisions": cell.decisions,
-            "hospitals": cell.hospitals,
-            "drugs": shown,
-            "suppressed_drugs": sum(1 for n in cell.drugs.values() if n < min_cell),
-        }
-    codes = {key.split("|")[0] for key in strata}
+        drugs = {drug for drug, n in whole.drugs.items() if n >= min_cell}
+        strata[stratum_key(code)] = _released(whole, drugs)
+        if all(counts.cells[key].patients >= min_cell for key in narrow):
+            shared = {d for d in drugs if all(not 0 < counts.cells[key].drugs[d] < min_cell for key in narrow)}
+            strata |= {key: _released(counts.cells[key], shared) for key in narrow}
+        else:
+            suppressed += len(narrow)
     return {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hospitals": sorted(hospitals),
         "min_cell": min_cell,
-        "epsilon": None,
-        "diagnoses": {code: name for code, name in sorted(counts.diagnoses.items()) if code in codes},
+        "diagnoses": {code: counts.diagnoses[code] for code in sorted({k.split("|")[0] for k in strata})},
         "strata": strata,
-        "suppressed_strata": suppressed_strata,
+        "suppressed_strata": suppressed,
+    }
+
+
+def _released(cell: Cell, drugs: set[str]) -> dict[str, Any]:
+    shown = {drug: n for drug, n in cell.drugs.most_common() if drug in drugs and n}
+    return {
+        "patients": cell.patients,
+        "decisions": cell.decisions,
+        "hospitals": cell.hospitals,
+        "drugs": shown,
+        "suppressed_drugs": sum(1 for drug, n in cell.drugs.items() if n and drug not in shown),
     }
 
 
@@ -163,6 +182,17 @@ def write_artefact(runs_dir: Path, artefact: Mapping[str, Any]) -> Path:
     path = folder / ARTEFACT
     path.write_text(json.dumps(artefact, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def stale_for(artefact: Mapping[str, Any], data_dir: Path, hospitals: list[str]) -> str | None:
+    """Why `artefact` does not describe the training data of `hospitals` under `data_dir` (other hospitals,
+    or counted before their last ingest, whose split may differ), or None when it does."""
+    if sorted(artefact["hospitals"]) != sorted(hospitals):
+        return f"it counts {', '.join(artefact['hospitals'])}, not {', '.join(sorted(hospitals))}"
+    counted = datetime.fromisoformat(artefact["created"]).timestamp() + 1  # "created" has whole seconds
+    if any((Path(data_dir) / h / "manifest.json").stat().st_mtime > counted for h in hospitals):
+        return "it was counted before the hospitals' last ingest"
+    return None
 
 
 def latest_artefact(runs_dir: Path) -> dict[str, Any] | None:
@@ -180,7 +210,7 @@ class Cohort:
     patients: int
     decisions: int
     hospitals: int
-    drugs: list[tuple[str, float]]  # ingredient, share of decisions
+    drugs: list[tuple[str, float]]  # ingredient, share of the patients started on it
     suppressed_drugs: int
     min_cell: int
 
@@ -200,7 +230,7 @@ def lookup(artefact: Mapping[str, Any], diagnosis: str, band: str | None, sex: s
             patients=cell["patients"],
             decisions=cell["decisions"],
             hospitals=cell["hospitals"],
-            drugs=sorted(((drug, n / cell["decisions"]) for drug, n in cell["drugs"].items()), key=lambda d: (-d[1], d[0])),
+            drugs=sorted(((drug, n / cell["patients"]) for drug, n in cell["drugs"].items()), key=lambda d: (-d[1], d[0])),
             suppressed_drugs=cell["suppressed_drugs"],
             min_cell=artefact["min_cell"],
         )
@@ -210,36 +240,35 @@ def lookup(artefact: Mapping[str, Any], diagnosis: str, band: str | None, sex: s
 _NEW_DIAGNOSIS_LINE = re.compile(r"(?im)^New diagnosis:\s*(.+)$")
 
 
-def for_case(artefact: Mapping[str, Any], case_text: str) -> Cohort | None:
-    """Counts for the patient of a de-identified case: its first new diagnosis (by name, as ingest
-    renders it), age band and sex; None when the case names no diagnosis the federation released."""
+def for_case(artefact: Mapping[str, Any], case_text: str) -> str | None:
+    """Markdown for the doctor about the patient of a de-identified case: the released counts for its first
+    new diagnosis (by name, as ingest renders it), age band and sex; None when the case names no diagnosis."""
     diagnosis = _NEW_DIAGNOSIS_LINE.search(case_text)
-    if diagnosis is None:
+    if diagnosis is None or diagnosis.group(1).strip().lower() == "none":
         return None
-    wanted = diagnosis.group(1).split(";")[0].strip().lower()
-    code = next((c for c, name in artefact["diagnoses"].items() if name.lower() == wanted), None)
-    if code is None:
-        return None
+    name = diagnosis.group(1).split(";")[0].strip()
+    code = next((c for c, known in artefact["diagnoses"].items() if known.lower() == name.lower()), None)
     patient = _PATIENT_LINE.search(case_text)
     band, sex = (age_band(patient.group(1)), patient.group(2)) if patient else (None, None)
-    return lookup(artefact, code, band, sex)
+    cohort = lookup(artefact, code, band, sex) if code else None
+    if cohort is None:  # never seen, or seen in too few patients: the artefact cannot tell which
+        return (f"No released counts for {name}: fewer than {artefact['min_cell']} patients across the "
+                "federation had it, or none.")
+    return describe(cohort)
 
 
-def describe(cohort: Cohort | None, min_cell: int) -> str:
-    """Markdown for the doctor: who was counted, the drugs started and their shares, what was suppressed."""
-    if cohort is None:
-        return (f"No counts for this diagnosis: fewer than {min_cell} patients across the federation had it, "
-                "or it was never seen (small cells are not shown).")
+def describe(cohort: Cohort) -> str:
+    """Markdown: who was counted, the drugs they were started on with shares, what was suppressed."""
     n = cohort.hospitals
     lines = [f"**{cohort.patients} patients** ({cohort.decisions} treatment decisions) at {n} "
              f"hospital{'' if n == 1 else 's'} — {cohort.stratum}."]
     if cohort.drugs:
-        lines.append("Started: " + ", ".join(f"{drug} {share:.0%}" for drug, share in cohort.drugs) + ".")
+        lines.append("Started on: " + ", ".join(f"{drug} {share:.0%}" for drug, share in cohort.drugs) + " of them.")
     else:
-        lines.append("No drug was started often enough to be shown.")
+        lines.append("No drug was started in enough patients to be shown.")
     if cohort.suppressed_drugs:
-        lines.append(f"{cohort.suppressed_drugs} other drug{'' if cohort.suppressed_drugs == 1 else 's'} started in "
-                     f"fewer than {cohort.min_cell} decisions not shown.")
+        lines.append(f"{cohort.suppressed_drugs} other drug{'' if cohort.suppressed_drugs == 1 else 's'} not shown "
+                     f"(fewer than {cohort.min_cell} patients, or hidden so that none can be worked out).")
     return "\n\n".join(lines)
 
 
@@ -249,7 +278,3 @@ def _jsonl(path: Path):
             if line.strip():
                 yield line_no, json.loads(line)
 
-
-def _clean(display: str) -> str:
-    """"Essential hypertension (disorder)" → "Essential hypertension"."""
-    return re.sub(r"\s*\([^()]*\)$", "", display).strip()

@@ -130,8 +130,8 @@ def ingest(
     scrub = Scrubber([v for t in timelines for v in identity_values(t.patient)], pseudonym)
     manifest = {
         "hospital": hospital,
-        "sources": [
-            {"path": scrub(str(src)), "format": result.source_format, "version": result.source_version}
+        "sources": [  # the last two parts of each path: the host's folder layout stays out of the outputs
+            {"path": scrub(str(Path(*src.parts[-2:]))), "format": result.source_format, "version": result.source_version}
             for src, result in results
         ],
         "counts": {

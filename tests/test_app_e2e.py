@@ -200,9 +200,9 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     assert cohort.count() == 1, "the cohort panel is shown beside the answer"
     cohort.first.click()  # open the step
     page.wait_for_selector("text=14 patients", timeout=30_000)
-    panel = page.locator("text=14 patients").first.locator("xpath=ancestor::*[contains(., 'Started:')][1]").inner_text()
-    assert "lisinopril 69%" in panel and "Essential hypertension, 50-59, male" in panel, panel
-    assert "amlodipine" not in panel, panel  # started in 4 of 16 decisions: under 11, never shown
+    panel = page.locator("text=14 patients").first.locator("xpath=ancestor::*[contains(., 'Started on:')][1]").inner_text()
+    assert "lisinopril 79% of them" in panel and "Essential hypertension, 50-59, male" in panel, panel
+    assert "amlodipine" not in panel, panel  # started in 4 of the 14 patients: under 11, never shown
     assert "cisplatin" not in page.content()  # a suppressed diagnosis never reaches the chat
     page.screenshot(path=str(ARTIFACTS / "chat-cohort.png"), full_page=True)
     links = answer.locator(".element-link")

@@ -72,3 +72,12 @@ def test_the_chat_offers_baselines_only_when_asked(monkeypatch: pytest.MonkeyPat
     assert AppSettings.from_env().baselines is False
     monkeypatch.setenv("FEDERIMED_CHAT_BASELINES", "1")
     assert AppSettings.from_env().baselines is True
+
+
+def test_a_broken_latest_link_is_an_error_not_a_silent_base_model(tmp_path: Path, demo_runs) -> None:
+    from federimed.checkpoints import CheckpointError
+
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").symlink_to("no-such-run/round-9")
+    with pytest.raises(CheckpointError):
+        Assistant(adapter="latest", runs_dir=tmp_path, retrieval=False)

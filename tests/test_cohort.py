@@ -52,15 +52,17 @@ def federation(tmp_path: Path) -> Path:
 
 def pooled_by_hand() -> dict[str, dict]:
     """The expected counts, straight from the pooled rows (patients are distinct across hospitals)."""
-    patients, decisions, drugs = defaultdict(set), Counter(), defaultdict(Counter)
+    patients, decisions, drugs = defaultdict(set), Counter(), defaultdict(lambda: defaultdict(set))
     for hospital, rows in HOSPITALS.items():
         for patient, age, sex, dx, started in rows:
             band = "90+" if age >= 90 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"
             for key in (f"{dx}|*|*", f"{dx}|{band}|{sex}"):
                 patients[key].add((hospital, patient))
                 decisions[key] += 1
-                drugs[key].update(started)
-    return {k: {"patients": len(p), "decisions": decisions[k], "drugs": dict(drugs[k])} for k, p in patients.items()}
+                for drug in started:
+                    drugs[key][drug].add((hospital, patient))
+    return {k: {"patients": len(p), "decisions": decisions[k], "drugs": {d: len(w) for d, w in drugs[k].items()}}
+            for k, p in patients.items()}
 
 
 def as_plain(artefact: dict) -> dict[str, dict]:
@@ -97,27 +99,55 @@ def test_small_cells_are_suppressed_before_release(federation: Path) -> None:
     assert artefact["suppressed_strata"] > 0
 
 
+def test_no_suppressed_count_can_be_worked_out_by_subtraction(federation: Path) -> None:
+    """For each diagnosis, what the diagnosis cell shows minus what its age-and-sex cells show is 0 or
+    at least min_cell, for patients and for every drug."""
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    for min_cell in (1, 2, 3, 4):
+        strata = release(total, min_cell=min_cell, hospitals=list(HOSPITALS))["strata"]
+        for key, whole in strata.items():
+            code, band, _ = key.split("|")
+            if band != "*":
+                continue
+            narrow = [c for k, c in strata.items() if k.startswith(f"{code}|") and k != key]
+            if narrow:
+                left = whole["patients"] - sum(c["patients"] for c in narrow)
+                assert left == 0 or left >= min_cell, (min_cell, key, left)
+            for drug, n in whole["drugs"].items():
+                shown = [c["drugs"][drug] for c in narrow if drug in c["drugs"]]
+                if shown:
+                    assert n - sum(shown) == 0 or n - sum(shown) >= min_cell, (min_cell, key, drug)
+
+
 def test_lookup_backs_off_to_the_diagnosis_when_the_stratum_is_small(federation: Path, tmp_path: Path) -> None:
     total = CohortCounts()
     for name in HOSPITALS:
         total.add(CohortCounts.of_hospital(federation / name))
+    everything = release(total, min_cell=1, hospitals=list(HOSPITALS))
+    narrow = lookup(everything, HTN, "50-59", "male")  # n1, n2, s1, s2: 4 patients
+    assert narrow.stratum == "Essential hypertension, 50-59, male" and narrow.patients == 4
+    assert narrow.drugs == [("lisinopril", 0.75), ("hydrochlorothiazide", 0.25)] and narrow.hospitals == 2
     write_artefact(tmp_path / "runs", release(total, min_cell=3, hospitals=list(HOSPITALS)))
     artefact = latest_artefact(tmp_path / "runs")
-    narrow = lookup(artefact, HTN, "50-59", "male")  # n1, n2, s1, s2: 4 patients
-    assert narrow.stratum == "Essential hypertension, 50-59, male" and narrow.patients == 4
-    assert narrow.drugs == [("lisinopril", 0.75)] and narrow.hospitals == 2
-    wide = lookup(artefact, HTN, "90+", "female")  # one patient in that stratum: suppressed
+    wide = lookup(artefact, HTN, "50-59", "male")  # the 60-69 and 90+ women are 1 each: every narrow cell hidden
     assert wide.stratum == "Essential hypertension (all ages and sexes)" and wide.patients == 6
+    assert wide.drugs == [("lisinopril", 0.5)] and wide.suppressed_drugs == 2
     assert lookup(artefact, RARE, "70-79", "male") is None
     assert latest_artefact(tmp_path / "nothing") is None
 
 
-def test_a_case_without_its_patient_line_is_named(tmp_path: Path) -> None:
+def test_bad_lines_are_named_by_line_never_by_case_id(tmp_path: Path) -> None:
     write_hospital(tmp_path / "h", [("p", 50, "male", HTN, [])])
     (tmp_path / "h" / "train.jsonl").write_text(json.dumps(
         {"id": "h-0", "patient": "p", "messages": [{"role": "user", "content": "no header"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: no 'Patient: N-year-old SEX' line"):
+    with pytest.raises(ValueError, match=r"^train\.jsonl, line 1: no 'Patient: N-year-old SEX' line"):
         CohortCounts.of_hospital(tmp_path / "h")
+    (tmp_path / "h" / "train.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"^targets\.train\.jsonl, line 1: the decision has no dialogue") as error:
+        CohortCounts.of_hospital(tmp_path / "h")
+    assert "h-0" not in str(error.value)  # errors may reach the server: no salted case id
 
 
 @pytest.mark.slow
@@ -155,20 +185,20 @@ def test_the_artefact_of_real_records_passes_the_identifier_audit(ma_csv: Path, 
 
 def test_a_case_gets_the_counts_of_patients_like_it(federation: Path, tmp_path: Path) -> None:
     from federimed.assistant import Assistant
-    from federimed.cohort import describe, for_case
+    from federimed.cohort import for_case
 
     total = CohortCounts()
     for name in HOSPITALS:
         total.add(CohortCounts.of_hospital(federation / name))
     artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
     case = "Patient: 57-year-old male\nNew diagnosis: Essential hypertension\nAllergies: none"
-    cohort = for_case(artefact, case)
-    assert cohort.stratum == "Essential hypertension, 50-59, male" and cohort.patients == 4
-    text = describe(cohort, 3)
-    assert "**4 patients** (4 treatment decisions) at 2 hospitals" in text and "lisinopril 75%" in text
-    assert for_case(artefact, "Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer") is None
-    assert for_case(artefact, "no structured lines at all") is None
-    assert "fewer than 3 patients" in describe(None, 3)
+    text = for_case(artefact, case)
+    assert text == ("**6 patients** (6 treatment decisions) at 3 hospitals — Essential hypertension (all ages and "
+                    "sexes).\n\nStarted on: lisinopril 50% of them.\n\n2 other drugs not shown (fewer than 3 "
+                    "patients, or hidden so that none can be worked out).")
+    rare = for_case(artefact, "Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer")
+    assert rare == "No released counts for Non-small cell lung cancer: fewer than 3 patients across the federation had it, or none."
+    assert for_case(artefact, "56-year-old man, new essential hypertension") is None  # no diagnosis line: no panel
 
     runs = tmp_path / "runs"
     assistant = Assistant(adapter="base", runs_dir=runs, retrieval=False)
@@ -176,7 +206,7 @@ def test_a_case_gets_the_counts_of_patients_like_it(federation: Path, tmp_path: 
     write_artefact(runs, artefact)
     assert assistant.cohort(case) == text
     rare = assistant.cohort("Patient: 70-year-old male\nNew diagnosis: Non-small cell lung cancer")
-    assert "cisplatin" not in rare and "No counts" in rare
+    assert "cisplatin" not in rare and rare.startswith("No released counts")
 
 
 def test_cohort_counts_can_be_given_to_the_model_as_context(federation: Path) -> None:
@@ -190,8 +220,40 @@ def test_cohort_counts_can_be_given_to_the_model_as_context(federation: Path) ->
     case = HeldoutCase("c", "north", [{"role": "user", "content": "Patient: 57-year-old male\nNew diagnosis: "
                                        "Essential hypertension"}], "", frozenset(), (), ())
     [[system, user]] = cohort_prompts([case], artefact)
-    assert system["content"].endswith("What patients like this received across the federation: 4 patients (4 "
-                                      "treatment decisions) at 2 hospitals — Essential hypertension, 50-59, male.\n\n"
-                                      "Started: lisinopril 75%.\n\n1 other drug started in fewer than 3 decisions "
-                                      "not shown.")
+    assert system["content"].endswith("What patients like this received across the federation: 6 patients (6 "
+                                      "treatment decisions) at 3 hospitals — Essential hypertension (all ages and "
+                                      "sexes).\n\nStarted on: lisinopril 50% of them.\n\n2 other drugs not shown "
+                                      "(fewer than 3 patients, or hidden so that none can be worked out).")
     assert user["content"].startswith("Patient: 57-year-old male") and "Question:" in user["content"]
+
+
+def test_an_artefact_of_other_hospitals_or_an_older_ingest_is_stale(federation: Path) -> None:
+    import os
+
+    from federimed.cohort import stale_for
+
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    artefact = release(total, min_cell=1, hospitals=list(HOSPITALS))
+    assert stale_for(artefact, federation, list(HOSPITALS)) is None
+    assert "not east, north" in stale_for(artefact, federation, ["east", "north"])
+    manifest = federation / "north" / "manifest.json"
+    later = manifest.stat().st_mtime + 3600
+    os.utime(manifest, (later, later))  # re-ingested after the counts were made
+    assert "before the hospitals' last ingest" in stale_for(artefact, federation, list(HOSPITALS))
+
+
+@pytest.mark.slow
+def test_cohort_command_with_relative_folders_from_another_folder(federation: Path, tmp_path: Path) -> None:
+    """`flwr run` starts in the project folder: the relative --data and --runs-dir must still be found."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "federimed.cli", "cohort", "--data", "hospitals", "--runs-dir", "runs", "--min-cell", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [artefact] = (tmp_path / "runs").glob("cohort-*/cohort.json")
+    assert as_plain(json.loads(artefact.read_text())) == pooled_by_hand()

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from federimed.evaluation.counting import DrugSetCounts, count_baselines, counts_answer, score_counts
+from federimed.evaluation.counting import (
+    DrugSetCounts,
+    count_baselines,
+    counts_answer,
+    released_prediction,
+    score_predictions,
+)
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import paired_difference
 from federimed.evaluation.report import build_report, paired_differences, verdict
@@ -33,6 +39,9 @@ def case(case_id: str, hospital: str, diagnosis: str, drugs: set[str]) -> Heldou
 def write_hospital(root: Path, name: str, targets: list[dict]) -> None:
     (root / name).mkdir(parents=True)
     (root / name / "targets.train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in targets))
+    dialogues = [{"id": t["id"], "patient": t["patient"], "messages": [
+        {"role": "user", "content": "Patient: 50-year-old female\nNew diagnosis: x"}]} for t in targets]
+    (root / name / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dialogues))
 
 
 @pytest.fixture
@@ -51,8 +60,6 @@ def test_the_most_frequent_drug_set_per_diagnosis_is_predicted() -> None:
     assert counts.predict(HTN) == {"lisinopril"}
     assert counts.predict(DM) == {"metformin"}
     assert counts.predict(RARE) == frozenset()  # never seen
-    assert counts.predict(HTN, min_patients=4) == frozenset()  # 3 patients: suppressed
-    assert counts.predict(HTN, min_patients=3) == {"lisinopril"}
 
 
 def test_ties_go_to_the_larger_set_then_alphabetical_order() -> None:
@@ -69,7 +76,7 @@ def test_counts_are_scored_like_a_model_answer(vocab: DrugVocabulary) -> None:
     counts = DrugSetCounts()
     counts.add(HTN, "p1", ["lisinopril", "amlodipine"])
     cases = [case("a", "h", HTN, {"lisinopril"}), case("b", "h", DM, {"metformin"}), case("c", "h", DM, set())]
-    scores = score_counts("counts:pooled", counts, cases, vocab)
+    scores = score_predictions("counts:pooled", counts.predict, cases, vocab)
     assert [c.drug_f1 for c in scores.cases] == pytest.approx([2 / 3, 0.0, 1.0])  # "no new medication" is right for c
     assert counts_answer(frozenset()) == "No new medication."
     assert vocab.extract(counts_answer(frozenset({"lisinopril", "amlodipine"}))) == {"lisinopril", "amlodipine"}
@@ -85,6 +92,12 @@ def test_pooled_counts_see_what_one_hospital_alone_never_saw(tmp_path: Path, voc
     assert f1["counts:local:childrens"] == [0.0, 1.0]
     assert f1["counts:local:general"] == [1.0, 0.0]
     assert f1["counts:pooled (k=2)"] == [1.0, 0.0]  # diabetes: one training patient, suppressed
+
+
+def test_the_suppressed_baseline_predicts_from_released_counts_only() -> None:
+    artefact = {"strata": {f"{HTN}|*|*": {"patients": 20, "drugs": {"lisinopril": 12, "amlodipine": 9}}}}
+    assert released_prediction(artefact, HTN) == {"lisinopril"}  # 60 %: yes; 45 %: no
+    assert released_prediction(artefact, DM) == frozenset()  # suppressed or never seen
 
 
 def test_missing_training_targets_are_named(tmp_path: Path, vocab: DrugVocabulary) -> None:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from federimed.cohort import CMS_MIN_CELL
 from federimed.commands import fail
 
 console = Console()
@@ -20,8 +21,8 @@ def cohort(
                                        resolve_path=True)] = Path("data/hospitals"),
     runs_dir: Annotated[Path, typer.Option(help="Where the artefact is written, beside the training runs.",
                                            resolve_path=True)] = Path("runs"),
-    min_cell: Annotated[int, typer.Option(min=1, help="Suppress cells under this many patients or decisions "
-                                          "(CMS publication rule: 11).")] = 11,
+    min_cell: Annotated[int, typer.Option(min=1, help="Suppress counts under this many patients (CMS "
+                                          "publication rule: 11).")] = CMS_MIN_CELL,
 ) -> None:
     """Count, at each hospital, patients, decisions and the drugs started per diagnosis (and per age band and
     sex); sum the counts through Flower (only counts travel), suppress small cells and write
@@ -35,9 +36,9 @@ def cohort(
         hospitals = ingested_hospitals(data)
     except HospitalDataError as err:
         raise fail(str(err)) from None
-    if min_cell < 11:
-        console.print(f"[yellow]note:[/] cells of {min_cell} to 10 patients will be shown: below the CMS rule of 11, "
-                      "acceptable for synthetic demo data only.")
+    if min_cell < CMS_MIN_CELL:
+        console.print(f"[yellow]note:[/] counts of {min_cell} to {CMS_MIN_CELL - 1} patients will be shown: below the "
+                      f"CMS rule of {CMS_MIN_CELL}, acceptable for synthetic demo data only.")
     options = ServerOptions(hospitals=len(hospitals), min_hospitals=len(hospitals), runs_dir=runs_dir,
                             min_cell=min_cell, task="cohort")
     try:
@@ -53,14 +54,14 @@ def summary_table(artefact: dict) -> Table:
     """Diagnosis-level cells of an artefact: patients, decisions, hospitals and the top drugs started."""
     table = Table(title=f"Cohort statistics of {len(artefact['hospitals'])} hospitals (cells under "
                         f"{artefact['min_cell']} suppressed: {artefact['suppressed_strata']} strata)")
-    for column in ("diagnosis", "patients", "decisions", "hospitals", "drugs started (share of decisions)"):
+    for column in ("diagnosis", "patients", "decisions", "hospitals", "drugs started (share of patients)"):
         table.add_column(column, justify="left" if column.startswith("d") and column != "decisions" else "right")
     for key, cell in artefact["strata"].items():
         code, band, sex = key.split("|")
         if band != "*":
             continue
         top = sorted(cell["drugs"].items(), key=lambda d: (-d[1], d[0]))[:4]
-        drugs = ", ".join(f"{d} {n / cell['decisions']:.0%}" for d, n in top)
+        drugs = ", ".join(f"{d} {n / cell['patients']:.0%}" for d, n in top)
         table.add_row(artefact["diagnoses"].get(code, code), str(cell["patients"]), str(cell["decisions"]),
                       str(cell["hospitals"]), drugs or "–")
     return table

@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
                                               "--max-cases", str(profile.max_cases),
                                               "--max-new-tokens", str(profile.answer_tokens),
                                               "--min-cell", str(profile.min_cell)],
-                               [federated, paths.hospitals],
+                               [federated, paths.hospitals, *runs.glob("cohort-*")],
                                produced=lambda: (federated / "eval" / "report.json").is_file())
             timings |= run_stages([evaluation], state_dir, 1, console)
         except StageFailed as exc:

@@ -51,7 +51,7 @@ def evaluate(
     """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
     ROUGE-L, held-out loss, with 95 % bootstrap CIs; writes RUN/eval/report.{md,json} and plots."""
     from federimed.checkpoints import CheckpointError, latest_round
-    from federimed.cohort import latest_artefact
+    from federimed.cohort import latest_artefact, stale_for
     from federimed.evaluation.compare import (
         evaluate_contenders,
         f1_per_round,
@@ -93,6 +93,10 @@ def evaluate(
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
             external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
         artefact = latest_artefact(runs_dir)
+        if artefact is not None and (why := stale_for(artefact, data, hospitals)):
+            err.print(f"[yellow]cohort counts not given as context:[/] the newest artefact in {runs_dir} is stale: {why} "
+                      "(run `federimed cohort`)")
+            artefact = None
         federated_model = next((c for c in contenders if c.kind == "federated"), None)
         if artefact is not None and federated_model is not None:  # cohort counts as context, like retrieval
             bar.update(task, description="answering held-out cases (federated + cohort counts)")

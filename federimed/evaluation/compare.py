@@ -83,13 +83,14 @@ def cohort_prompts(cases: Sequence[HeldoutCase], artefact: dict[str, Any]) -> li
     """Each case's prompt with the federation's released cohort counts for it in the system message, as
     retrieval adds guideline excerpts (the model was never trained with them: measured, not assumed)."""
     from federimed.assistant import build_prompt
-    from federimed.cohort import describe, for_case
+    from federimed.cohort import for_case
 
     prompts = []
     for case in cases:
-        counts = describe(for_case(artefact, case.case_text), artefact["min_cell"]).replace("**", "")
         system, user = build_prompt(case.case_text, [])
-        system = {**system, "content": system["content"] + f"\n\nWhat patients like this received across the federation: {counts}"}
+        if counts := for_case(artefact, case.case_text):
+            system = {**system, "content": f"{system['content']}\n\nWhat patients like this received across the "
+                                           f"federation: {counts.replace('**', '')}"}
         prompts.append([system, user])
     return prompts
 

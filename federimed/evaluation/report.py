@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
+from federimed.evaluation.compare import WITH_COUNTS
 from federimed.evaluation.metrics import paired_difference
 from federimed.evaluation.runner import HeldoutCase, ModelScores
 
@@ -91,8 +92,8 @@ def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScor
                 rows.append(pair(federated, models["centralized"], "federated − 0.9 × centralized", scale=0.9))
             if "base" in models:
                 rows.append(pair(federated, models["base"], "federated − base"))
-            if "federated+counts" in models:
-                rows.append(pair(models["federated+counts"], federated, "federated with cohort counts − federated"))
+            if WITH_COUNTS in models:
+                rows.append(pair(models[WITH_COUNTS], federated, "federated with cohort counts − federated"))
         if pooled is not None:
             rows += [pair(s, pooled, f"{name} − pooled counts") for name, s in models.items()]
     return rows

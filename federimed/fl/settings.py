@@ -105,7 +105,9 @@ class ServerOptions(BaseModel):
     @field_validator("runs_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
-        """Absolute, so that the ServerApp, which runs in another folder, writes where the caller meant."""
+        """Absolute where the options are made (the CLI, before `flwr run`), so that the ServerApp, which runs
+        in another folder, writes where the caller meant. A relative runs-dir in a run config that reaches
+        the ServerApp directly is resolved against the ServerApp's folder."""
         return path.resolve()
 
     @model_validator(mode="after")

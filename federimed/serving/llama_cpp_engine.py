@@ -14,6 +14,9 @@ asked before. (Reusing the KV cache of a prefix shared with the previous prompt 
 is split into matrix products, and the rows of a product come out rounded differently depending on
 how many it holds: a case asked twice got two different answers. The shared prefix is the ~50-token
 system prompt, little to save.)
+
+Models are opened with `federimed.serving.llama_runtime.load_llama`: llama.cpp's extra weight buffer
+types only where this CPU allows them (off on Intel CPUs with AMX, whose kernels crash on batches).
 """
 
 from __future__ import annotations
@@ -56,11 +59,11 @@ class LlamaCppEngine:
         self._decoder = self._load(decoder_gguf) if decoder_gguf else None
 
     def _load(self, gguf: Path) -> Any:
-        from llama_cpp import Llama
+        from federimed.serving.llama_runtime import load_llama
 
         n = self._threads
-        return Llama(
-            model_path=str(gguf), n_ctx=self.context_length, n_threads=n, n_threads_batch=n,
+        return load_llama(
+            str(gguf), n_ctx=self.context_length, n_threads=n, n_threads_batch=n,
             lora_path=str(self.adapter_gguf) if self.adapter_gguf else None, flash_attn=True, verbose=False,
         )  # fmt: skip
 
