@@ -8,13 +8,16 @@ In one run, on the same prompts:
   retrieval, prompt tokenisation, the first decoding step) and decode tokens/s, with retrieval, for the
   reference path (transformers + adapter), the fast path (llama.cpp with the adapter exported to GGUF:
   an F16 copy of the base reads the prompt, a Q8_0 copy decodes) and plain llama.cpp (llama-cpp-python's
-  own `create_completion`, no adapter, no FederiMed code) on the shipped Q4_1 base GGUF and on the
-  Q8_0 copy; the goal is fast ≥ 0.7 × plain (shipped GGUF) in decode tokens/s;
+  own `create_completion`, no adapter, no FederiMed engine) on the shipped Q4_1 base GGUF and on the
+  Q8_0 copy; the goal is fast ≥ 0.7 × plain (shipped GGUF) in decode tokens/s. Every llama.cpp model,
+  plain ones included, is opened with the extra weight buffer types this CPU allows (off on Intel CPUs
+  with AMX, where llama.cpp's AMX kernels crash on quantised batches: federimed/serving/cpu.py);
 - agreement on held-out cases (greedy), for the base model and the adapter: exact-token agreement and
   drug-F1 between the reference's recommended drugs and llama.cpp's, as the evaluation generates them
   (batched, F16 copy of the base) and as the chat streams them (F16 reads, Q8_0 decodes);
 - evaluation throughput (held-out cases per minute): transformers batched (before) vs llama.cpp (after).
-Writes bench/results/chat.json, with the machine's load average (the machine may be shared).
+Writes bench/results/chat.json, with the CPU's model and flags and the machine's load average (the
+machine may be shared). bench/llama_cpu.py compares llama.cpp's buffer choices on the bare GGUFs.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from federimed.evaluation.metrics import set_scores
 from federimed.evaluation.runner import HeldoutCase, load_heldout
 from federimed.model import resolve_base
 from federimed.serving.backend import Engine, answer_text, prompt_ids
+from federimed.serving.cpu import extra_buffers_safe, this_cpu
 from federimed.serving.gguf_lora import served_base
 from federimed.serving.llama_cpp_engine import cpu_threads
+from federimed.serving.llama_runtime import load_llama
 from federimed.serving.select import load_engine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "chat.json"
@@ -131,8 +136,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="chat answer length")
     parser.add_argument("--eval-tokens", type=int, default=48, help="evaluation answer length (as `evaluate`)")
     args = parser.parse_args()
-    from llama_cpp import Llama
-
     hospitals = sorted(p.name for p in args.data.iterdir() if (p / "heldout.jsonl").is_file())
     pool = load_heldout(args.data, hospitals)
     cases = [pool[i * len(pool) // args.cases] for i in range(min(args.cases, len(pool)))]  # spread over hospitals
@@ -151,7 +154,7 @@ def main() -> None:
         loads[name] = round(time.perf_counter() - started, 2)
     fast.index()
     plain = {
-        name: Llama(model_path=str(path), n_ctx=fast.model().context_length, n_threads=cpu_threads(), verbose=False)
+        name: load_llama(str(path), n_ctx=fast.model().context_length, n_threads=cpu_threads(), verbose=False)
         for name, path in (("plain_llama_cpp_base_gguf", resolve_base(fast.settings)),
                            ("plain_llama_cpp_served_q8_0", served_base(fast.settings, "q8_0")))
     }  # fmt: skip
@@ -194,6 +197,8 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": this_cpu().summary(),
+            "llama_cpp_extra_buffers": extra_buffers_safe(this_cpu().flags),
             "cpus": os.cpu_count(),
             "llama_cpp_threads": cpu_threads(),
             "torch_threads": torch.get_num_threads(),
