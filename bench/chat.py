@@ -11,7 +11,7 @@ In one run, on the same prompts:
   own `create_completion`, no adapter, no FederiMed engine) on the shipped Q4_1 base GGUF and on the
   Q8_0 copy; the goal is fast ≥ 0.7 × plain (shipped GGUF) in decode tokens/s. Every llama.cpp model,
   plain ones included, is opened with the extra weight buffer types this CPU allows (off on Intel CPUs
-  with AMX, where llama.cpp's AMX kernels crash on quantised batches: federimed/serving/cpu.py);
+  with AMX, where llama.cpp's AMX kernels crash on quantised batches: federimed/cpu.py);
 - agreement on held-out cases (greedy), for the base model and the adapter: exact-token agreement and
   drug-F1 between the reference's recommended drugs and llama.cpp's, as the evaluation generates them
   (batched, F16 copy of the base) and as the chat streams them (F16 reads, Q8_0 decodes);
@@ -41,7 +41,7 @@ from federimed.evaluation.metrics import set_scores
 from federimed.evaluation.runner import HeldoutCase, load_heldout
 from federimed.model import resolve_base
 from federimed.serving.backend import Engine, answer_text, prompt_ids
-from federimed.serving.cpu import extra_buffers_safe, this_cpu
+from federimed.cpu import extra_buffers_safe, this_cpu
 from federimed.serving.gguf_lora import served_base
 from federimed.serving.llama_cpp_engine import cpu_threads
 from federimed.serving.llama_runtime import load_llama

@@ -4,7 +4,7 @@ weight buffer types on (its default) and off, side by side; and which of the two
 Usage: .venv/bin/python -m bench.llama_cpu [--rounds 3] [--prompt-tokens 200] [--decode-tokens 48]
 
 Each measurement runs in a child process, so a configuration that crashes llama.cpp (the AMX kernels
-on Intel CPUs with AMX, see federimed/serving/cpu.py) is recorded with its signal instead of ending the
+on Intel CPUs with AMX, see federimed/cpu.py) is recorded with its signal instead of ending the
 run. The configurations take turns, round after round, so that the load of a shared machine falls on
 all of them alike; each figure is the median over rounds. No adapter, no FederiMed engine: llama.cpp
 reading one prompt (one batch) and decoding greedily one token at a time, as the chat does; 2 threads
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from federimed.config import ModelSettings
-from federimed.serving.cpu import extra_buffers_safe, this_cpu
+from federimed.cpu import extra_buffers_safe, this_cpu
 from federimed.serving.gguf_lora import served_base, shipped_base
 from federimed.serving.llama_cpp_engine import cpu_threads
 

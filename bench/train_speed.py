@@ -21,7 +21,7 @@ import torch
 from federimed.config import LoraSettings, ModelSettings, TrainSettings
 from federimed.model import add_lora, load_base
 from federimed.precision import autocast_dtype
-from federimed.serving.cpu import this_cpu
+from federimed.cpu import this_cpu
 from federimed.training import Example, encode_dialogues, train_local
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"

@@ -14,7 +14,7 @@ from typing import ContextManager
 
 import torch
 
-from federimed.serving.cpu import this_cpu
+from federimed.cpu import this_cpu
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})

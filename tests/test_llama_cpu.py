@@ -21,7 +21,7 @@ from federimed.config import LoraSettings, ModelSettings, RunSettings
 from federimed.model import add_lora, load_base
 from federimed.serving import select
 from federimed.serving.backend import prompt_ids
-from federimed.serving.cpu import AMX_FLAGS, extra_buffers_safe, parse_cpuinfo, this_cpu
+from federimed.cpu import AMX_FLAGS, extra_buffers_safe, parse_cpuinfo, this_cpu
 from federimed.serving.gguf_lora import ensure_served, served_base, shipped_base
 from federimed.serving.llama_runtime import load_llama
 

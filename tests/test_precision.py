@@ -9,7 +9,7 @@ from dialogue_samples import TREATMENTS, dialogues
 
 from federimed.config import LoraSettings, TrainSettings
 from federimed.precision import autocast_dtype
-from federimed.serving.cpu import this_cpu
+from federimed.cpu import this_cpu
 from federimed.training import batch_loss, collate, encode_dialogues
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

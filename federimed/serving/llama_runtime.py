@@ -1,5 +1,5 @@
 """How FederiMed opens llama.cpp models (llama-cpp-python, version pinned in constraints.txt): extra
-weight buffer types chosen for this CPU at run time (`federimed.serving.cpu`), llama.cpp's log routed
+weight buffer types chosen for this CPU at run time (`federimed.cpu`), llama.cpp's log routed
 to Python logging.
 
 llama-cpp-python's `Llama` does not expose llama.cpp's `use_extra_bufts`: its `__init__` fills the
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from federimed.serving.cpu import extra_buffers_safe, this_cpu
+from federimed.cpu import extra_buffers_safe, this_cpu
 
 log = logging.getLogger("federimed.llama_cpp")
 
@@ -37,7 +37,7 @@ _HARMLESS = ("cannot use buft",)
 
 def load_llama(model_path: str, *, extra_buffers: bool | None = None, **kwargs: Any) -> Any:
     """`llama_cpp.Llama(model_path, **kwargs)` with llama.cpp's extra weight buffer types on or off
-    (None: on where this CPU allows them, `federimed.serving.cpu.extra_buffers_safe`)."""
+    (None: on where this CPU allows them, `federimed.cpu.extra_buffers_safe`)."""
     import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
