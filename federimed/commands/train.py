@@ -62,13 +62,15 @@ SecAggMaxWeight = Annotated[float, typer.Option(
     "hospital's count).")]
 SecAggClip = Annotated[float, typer.Option(
     min=1e-9, help="With --secagg: each value of (dialogues / max-weight) × update is clipped to ± this.")]
+Precision = Annotated[str, typer.Option(
+    help="Matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16, else fp32), fp32 or bf16.")]
 SecAggLevels = Annotated[int, typer.Option(
     min=2, help="With --secagg: quantisation levels over the clipping range (times hospitals must stay < 2^32).")]
 
 
 def _settings(
     rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str,
-    heldout_max: int = HELDOUT_MAX_DIALOGUES,
+    heldout_max: int = HELDOUT_MAX_DIALOGUES, precision: str = "auto",
 ):
     from pydantic import ValidationError
 
@@ -78,7 +80,8 @@ def _settings(
         return RunSettings(
             rounds=rounds,
             model=ModelSettings(base=base_model),
-            train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed),
+            train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                                precision=precision),
             heldout_max_dialogues=heldout_max,
         )
     except ValidationError as err:
@@ -177,6 +180,7 @@ def train(
     seed: Seed = 0,
     base_model: BaseModel = "smollm2-135m-instruct",
     heldout_max: HeldoutMax = HELDOUT_MAX_DIALOGUES,
+    precision: Precision = "auto",
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
@@ -213,7 +217,7 @@ def train(
         found = ingested_hospitals(data, names)
     except HospitalDataError as err:
         raise fail(str(err)) from None
-    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max)
+    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision)
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:
