@@ -1,14 +1,16 @@
 """Centralized (pooled data) and local-only baselines, trained with the federated clients' own loop.
 
-Same budget: a federated run of R rounds over H hospitals does `local_steps` (L) optimizer steps of
-`batch_size` dialogues per hospital per round, so R·H·L steps and R·H·L·batch_size dialogues in all.
-- centralized gets the same compute: R·H·L steps on the pooled training sets, checkpointed every H·L steps;
-- local-only gets what the hospital spends inside the federation: R·L steps on its own data, checkpointed
-  every L steps.
+Same budget: in a federated run of R rounds hospital h runs L_h optimizer steps of `batch_size` dialogues
+per round (`RunSettings.steps_per_round`: `epochs` passes over its own data, or a fixed `local_steps`), so
+R·Σ L_h steps in all.
+- centralized gets the same compute: R·Σ L_h steps on the pooled training sets, checkpointed every Σ L_h;
+- local-only gets what the hospital spends inside the federation: R·L_h steps on its own data,
+  checkpointed every L_h steps.
 Either way there are R checkpoints, and checkpoint N has seen as many dialogues as federated round N (per
 hospital for local-only), with the cosine schedule spanning the whole run. As in a federated round, each
-checkpoint's chunk starts a fresh optimizer. The last checkpoint records held-out loss on each hospital's
-held-out sample (`RunSettings.heldout_sample`, the same dialogues the federated hospitals score).
+checkpoint's chunk starts a fresh optimizer. Every checkpoint records held-out loss on each hospital's
+held-out sample (`RunSettings.heldout_sample`, the dialogues the federated hospitals score each round),
+so that convergence can be read off the run (`loss.png`).
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ from pathlib import Path
 
 from federimed.checkpoints import RunDir, new_run, save_round
 from federimed.config import RunSettings
+from federimed.memory import peak_rss_mb
 from federimed.model import add_lora, load_base
 from federimed.training import Example, encode_dialogues, evaluate_loss, load_dialogues, train_local
 
 log = logging.getLogger(__name__)
 
 
-def budget_steps(settings: RunSettings, hospitals: int, mode: str) -> int:
-    """Total optimizer steps a baseline gets to match a federated run over `hospitals` hospitals."""
-    per_hospital = settings.rounds * settings.train.local_steps
-    if mode == "centralized":
-        return per_hospital * hospitals
-    if mode == "local-only":
-        return per_hospital
-    raise ValueError(f"no step budget for mode {mode!r}")
+def budget_steps(settings: RunSettings, train_sizes: Mapping[str, int], mode: str) -> int:
+    """Total optimizer steps a baseline trained on the hospitals of `train_sizes` (name → training
+    dialogues) gets to match what they spend in a federated run: their steps summed for centralized,
+    the one hospital's for local-only."""
+    if mode not in ("centralized", "local-only"):
+        raise ValueError(f"no step budget for mode {mode!r}")
+    if mode == "local-only" and len(train_sizes) != 1:
+        raise ValueError(f"a local-only run trains on one hospital, not {len(train_sizes)}")
+    return settings.rounds * sum(settings.steps_per_round(n) for n in train_sizes.values())
 
 
 def hospital_names(data_dir: Path) -> list[str]:
@@ -62,8 +66,7 @@ def train_centralized(
 ) -> RunDir:
     """Train one adapter on the pooled training sets of `hospitals` (default: all under `data_dir`)."""
     hospitals = list(hospitals or hospital_names(data_dir))
-    total = total_steps or budget_steps(settings, len(hospitals), "centralized")
-    return _run(data_dir, hospitals, hospitals, "centralized", settings, runs_dir, total, progress)
+    return _run(data_dir, hospitals, hospitals, "centralized", settings, runs_dir, total_steps, progress)
 
 
 def train_local_only(
@@ -77,9 +80,8 @@ def train_local_only(
     progress: bool = False,
 ) -> RunDir:
     """Train an adapter on one hospital's data alone; score it on every hospital's held-out set by default."""
-    total = total_steps or budget_steps(settings, 1, "local-only")
     evaluated = list(eval_hospitals or hospital_names(data_dir))
-    return _run(data_dir, [hospital], evaluated, "local-only", settings, runs_dir, total, progress)
+    return _run(data_dir, [hospital], evaluated, "local-only", settings, runs_dir, total_steps, progress)
 
 
 def _run(
@@ -89,12 +91,9 @@ def _run(
     mode: str,
     settings: RunSettings,
     runs_dir: Path,
-    total_steps: int,
+    total_steps: int | None,
     progress: bool,
 ) -> RunDir:
-    if total_steps % settings.rounds:
-        raise ValueError(f"total_steps={total_steps} must split evenly into rounds={settings.rounds} checkpoints")
-    chunk = total_steps // settings.rounds
     train_dialogues = {h: load_split(data_dir, h, "train") for h in train_on}
     heldout_dialogues = {h: load_split(data_dir, h, "heldout") for h in evaluate_on}
     model, tokenizer = load_base(settings.model)
@@ -106,6 +105,10 @@ def _run(
             raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {Path(data_dir) / hospital}")
     heldout = {h: settings.heldout_sample(encode_dialogues(tokenizer, d, seq_len)) for h, d in heldout_dialogues.items()}
     pooled = [e for examples in train.values() for e in examples]
+    total_steps = total_steps or budget_steps(settings, {h: len(e) for h, e in train.items()}, mode)
+    if total_steps % settings.rounds:
+        raise ValueError(f"total_steps={total_steps} must split evenly into rounds={settings.rounds} checkpoints")
+    chunk = total_steps // settings.rounds
     run = new_run(runs_dir, settings, mode, {h: len(e) for h, e in train.items()})
     log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)
     for round_num in range(1, settings.rounds + 1):
@@ -119,9 +122,8 @@ def _run(
             "examples_seen": result.examples_seen,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 2),
-        }
-        if round_num == settings.rounds:  # baselines are compared at their end: score held-out once
-            metrics |= _heldout_metrics(model, heldout, settings.eval_batch_size)
+            "peak_rss_mb": peak_rss_mb(),
+        } | _heldout_metrics(model, heldout, settings.eval_batch_size)
         save_round(run, round_num, model, metrics)
         log.info("%s round %d: train loss %.3f, held-out %s", mode, round_num, result.loss, metrics.get("heldout_loss"))
     return run

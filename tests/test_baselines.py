@@ -29,11 +29,17 @@ def data_dir(tmp_path):
 
 
 def test_budget_matches_a_federated_run():
+    sizes = {"a": 40, "b": 8, "c": 20, "d": 4}
     settings = RunSettings(rounds=3, train=TrainSettings(local_steps=10))
-    assert budget_steps(settings, 4, "centralized") == 3 * 10 * 4
-    assert budget_steps(settings, 4, "local-only") == 3 * 10
+    assert budget_steps(settings, sizes, "centralized") == 3 * 10 * 4
+    assert budget_steps(settings, {"a": 40}, "local-only") == 3 * 10
+    passes = RunSettings(rounds=2, train=TrainSettings(epochs=2, batch_size=4))  # a site's steps per round: n / 4
+    assert budget_steps(passes, sizes, "centralized") == 2 * (10 + 2 + 5 + 1)
+    assert budget_steps(passes, {"b": 8}, "local-only") == 2 * 2
     with pytest.raises(ValueError, match="federated"):
-        budget_steps(settings, 4, "federated")
+        budget_steps(settings, sizes, "federated")
+    with pytest.raises(ValueError, match="one hospital"):
+        budget_steps(settings, sizes, "local-only")
 
 
 def test_hospital_names_lists_folders_with_training_data(data_dir, tmp_path):
@@ -50,7 +56,7 @@ def test_centralized_pools_all_hospitals_and_checkpoints_each_round(data_dir, tm
     metrics = [json.loads((run.path / f"round-{n}" / "metrics.json").read_text()) for n in (1, 2)]
     assert [m["steps"] for m in metrics] == [2, 4]  # 2 hospitals × 1 local step per round
     assert [m["examples_seen"] for m in metrics] == [4, 4]
-    assert "heldout_loss" not in metrics[0]  # held-out sets are scored after the last round only
+    assert all(m["heldout_loss"] > 0 and m["peak_rss_mb"] > 100 for m in metrics)  # every checkpoint is scored
     final = metrics[-1]
     assert set(final["hospitals"]) == {"north", "south"}
     tokens = [h["heldout_tokens"] for h in final["hospitals"].values()]

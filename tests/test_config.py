@@ -12,9 +12,26 @@ def test_defaults_describe_the_demo_setup():
     settings = RunSettings()
     assert settings.model == ModelSettings(base="smollm2-135m-instruct", device="auto", dtype="auto")
     assert (settings.lora.r, settings.lora.alpha, settings.lora.target_modules) == (8, 16, "all-linear")
-    assert (settings.train.local_steps, settings.train.batch_size, settings.train.seq_len) == (10, 8, 256)
-    assert settings.rounds == 3
+    assert (settings.train.epochs, settings.train.batch_size, settings.train.seq_len) == (4, 4, 256)
+    assert (settings.rounds, settings.lora.dropout) == (4, 0)
     assert RunSettings.model_validate(settings.model_dump()) == settings
+
+
+def test_epochs_spread_passes_over_the_rounds_per_site():
+    settings = RunSettings(rounds=4, train=TrainSettings(epochs=4, batch_size=4))
+    assert settings.steps_per_round(189) == 48  # one pass of 189 dialogues per round: ceil(189 / 4)
+    assert settings.steps_per_round(34) == 9
+    assert RunSettings(rounds=8, train=TrainSettings(epochs=1, batch_size=4)).steps_per_round(10) == 1  # at least one
+    assert RunSettings(rounds=2, train=TrainSettings(epochs=3, batch_size=2)).steps_per_round(10) == 8  # 7.5 rounded up
+
+
+def test_fixed_local_steps_replace_epochs_only_when_asked_for():
+    assert TrainSettings(local_steps=3).epochs == 0  # steps alone: steps
+    assert RunSettings(train=TrainSettings(local_steps=3)).steps_per_round(1000) == 3
+    both = TrainSettings(local_steps=3, epochs=2)
+    assert RunSettings(rounds=2, train=both).steps_per_round(16) == 4  # epochs given: 2 × 16 / (4 × 2)
+    restored = TrainSettings.model_validate(TrainSettings(local_steps=3).model_dump())
+    assert restored.epochs == 0 and restored.local_steps == 3
 
 
 @pytest.mark.parametrize(

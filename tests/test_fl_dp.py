@@ -163,7 +163,7 @@ def _configure(dp: HospitalLevelDp, global_state: dict[str, np.ndarray], nodes: 
 
 
 def _reply(instruction: Message, name: str, state: dict[str, np.ndarray], examples: int) -> Message:
-    metrics = {"train_loss": 1.0, "num-examples": examples, "tokens": 10, "seconds": 1.0, "bytes": 0}
+    metrics = {"train_loss": 1.0, "num-examples": examples, "steps": 1, "tokens": 10, "seconds": 1.0, "bytes": 0, "peak-rss-mb": 1.0}
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
         "metrics": MetricRecord(metrics),

@@ -60,7 +60,7 @@ def _toy_app(poisoned: str | None = None, scale: float = 1.0) -> ClientApp:
         arrays = {k: a.numpy() + scale * _update(name, k, a.numpy().shape) for k, a in msg.content["arrays"].items()}
         if name == poisoned:
             next(iter(arrays.values()))[0] = np.nan
-        metrics = {"train_loss": 1.0, "num-examples": EXAMPLES[name], "tokens": 10, "seconds": 1.0, "bytes": 0}
+        metrics = {"train_loss": 1.0, "num-examples": EXAMPLES[name], "steps": 1, "tokens": 10, "seconds": 1.0, "bytes": 0, "peak-rss-mb": 1.0}
         content = RecordDict({
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
             "metrics": MetricRecord(metrics),

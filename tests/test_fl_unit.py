@@ -37,7 +37,7 @@ class Grid:
 
 
 def _reply(instruction: Message, name: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
-    metrics = {"train_loss": 1.0, "num-examples": examples, "tokens": 10, "seconds": 1.0, "bytes": 0}
+    metrics = {"train_loss": 1.0, "num-examples": examples, "steps": 1, "tokens": 10, "seconds": 1.0, "bytes": 0, "peak-rss-mb": 1.0}
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -145,7 +145,7 @@ def test_run_config_round_trip_and_overrides() -> None:
     assert run_settings(to_run_config(settings)) == settings
     options = ServerOptions.from_run_config({"local-steps": 2, "hospitals": 4, "resume-run": "r1", "lora-r": 4})
     assert (options.settings.train.local_steps, options.hospitals, options.resume_run) == (2, 4, "r1")
-    assert options.settings.lora.r == 4 and options.settings.train.batch_size == 8
+    assert options.settings.lora.r == 4 and options.settings.train.batch_size == 4 and options.settings.train.epochs == 0
 
 
 def test_node_hospital_from_node_config_or_simulation_environment(tmp_path: Path) -> None:

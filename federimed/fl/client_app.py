@@ -91,17 +91,19 @@ def _reply(msg: Message, hospital: Path, metrics: dict[str, float], arrays: Arra
 
 @app.train(mods=[packed_transport, secagg_mod, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global adapter for `local-steps` on this hospital's train.jsonl; reply the adapter."""
+    """Train the received global adapter for this round's steps (`RunSettings.steps_per_round` of this
+    hospital's train.jsonl); reply the adapter."""
     from safetensors.torch import save_file
 
+    from federimed.memory import peak_rss_mb
     from federimed.model import adapter_state
     from federimed.training import train_local
 
     settings, hospital, model, tokenizer = _setup(msg, context)
     config = msg.content["config"]
     server_round, total_rounds = int(config["server-round"]), int(config["total-rounds"])
-    steps = settings.train.local_steps
     examples = _load(hospital / "train.jsonl", settings, tokenizer)
+    steps = settings.steps_per_round(len(examples))
     result = train_local(
         model,
         tokenizer,
@@ -121,9 +123,11 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         "train_loss": result.loss,
         "num-examples": num_examples,
+        "steps": result.steps,
         "tokens": result.tokens,
         "seconds": result.seconds,
         "bytes": arrays.count_bytes(),
+        "peak-rss-mb": peak_rss_mb(),
     }
     return _reply(msg, hospital, metrics, arrays)
 

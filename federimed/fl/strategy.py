@@ -27,7 +27,7 @@ log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with
 
 HOSPITAL_RECORD = "hospital"
 """Key of the ConfigRecord in a client's reply that names the hospital (`{"name": ...}`)."""
-TRAIN_METRICS = ("train_loss", "num-examples", "tokens", "seconds", "bytes")
+TRAIN_METRICS = ("train_loss", "num-examples", "steps", "tokens", "seconds", "bytes", "peak-rss-mb")
 """The MetricRecord keys of a training reply (exactly these; anything else is rejected)."""
 
 
@@ -43,8 +43,12 @@ class HospitalRound:
     """Adapter bytes this hospital sent back."""
     train_loss: float | None = None
     num_examples: int = 0
+    steps: int = 0
+    """Optimizer steps this hospital ran in the round."""
     tokens: int = 0
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the hospital's training process so far (MiB)."""
     heldout_loss: float | None = None
     heldout_tokens: int = 0
     """Answer tokens the held-out loss is averaged over."""
@@ -185,8 +189,10 @@ class AdapterFedAvg(FedAvg):
                 bytes_received=int(metrics["bytes"]) if self.secure else _array_bytes(reply),  # masked upload
                 train_loss=float(metrics["train_loss"]),
                 num_examples=int(metrics["num-examples"]),
+                steps=int(metrics["steps"]),
                 tokens=int(metrics["tokens"]),
                 seconds=float(metrics["seconds"]),
+                peak_rss_mb=float(metrics["peak-rss-mb"]),
                 update_norm=None if self.secure else screened.norms[name],
             )
         for node in self._sampled.keys() - answered:
