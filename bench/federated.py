@@ -6,7 +6,7 @@
 1. Throughput: `train_local` standalone vs the same steps through the Flower ClientApp handler (adapter
    in from an ArrayRecord, training, adapter out into the reply), alternated `--repeats` times on the
    first hospital; tokens/s of each and their ratio (target >= 0.9).
-2. One federation on loopback (`federimed train`'s path: SuperLink + a SuperNode per hospital) at the demo settings:
+2. One federation on loopback (`federimed train`'s path: SuperLink + a SuperNode per hospital), --local-steps per round:
    bytes sent to and received from each hospital per round vs the adapter's own size (target <= 1.05)
    and vs the full model, and wall time per round.
 Hospitals: the ingested ones under --data; when there are fewer than two, the shared Synthea samples
@@ -68,7 +68,7 @@ def throughput(settings, hospital: Path, repeats: int) -> dict:
     base, tokenizer = load_base(settings.model)
     model = add_lora(base, settings.lora, seed=settings.train.seed)
     examples = encode_dialogues(tokenizer, load_dialogues(hospital / "train.jsonl"), settings.train.seq_len)
-    steps = settings.train.local_steps
+    steps = settings.steps_per_round(len(examples))
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(hospital)}, state=RecordDict(), run_config={})
     config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "server-round": 1, "total-rounds": 1})
 
@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "hospitals")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--local-steps", type=int, default=DEMO.local_steps, help="demo default")
+    parser.add_argument("--local-steps", type=int, default=5, help="steps per hospital per round")
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size, help="demo default")
     parser.add_argument("--seq-len", type=int, default=DEMO.seq_len, help="demo default")
     parser.add_argument("--throughput-steps", type=int, default=4)
@@ -167,7 +167,8 @@ def main() -> None:
     demo = RunSettings(rounds=args.rounds, train=train)
     with tempfile.TemporaryDirectory(prefix="federimed-bench-") as scratch:
         found = hospitals(args.data, Path(scratch) / "data")
-        quick = demo.model_copy(update={"train": demo.train.model_copy(update={"local_steps": args.throughput_steps})})
+        quick = demo.model_copy(update={"train": demo.train.model_copy(update={"local_steps": args.throughput_steps,
+                                                                                "epochs": 0})})
         speed = throughput(quick, found[0], args.repeats)
         print(f"throughput: standalone {speed['standalone_tokens_per_s']:.0f} tok/s, "
               f"in client {speed['in_client_tokens_per_s']:.0f} tok/s, ratio {speed['ratio']:.3f}")

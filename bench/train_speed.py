@@ -1,10 +1,14 @@
-"""Tokens per second of `train_local` on its own (no Flower), per training precision, side by side.
+"""Tokens per second and peak memory of `train_local` on its own (no Flower), per training configuration.
 
 Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-len L] [--rounds R]`.
-Writes bench/results/train_speed.json. Every synthetic dialogue fills `seq_len` tokens (its case text is
-cut to fit) with a short answer, as real case dialogues near the limit do; tokens counts non-padding
-tokens. The precisions take turns, `--rounds` times, on one model, so that a noisy shared machine slows
-them alike; the median of each is reported, with the CPU's model and flags.
+Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or bf16 autocast), the dtype
+the frozen base weights are held in (float32 or bfloat16), and activation checkpointing off or on. Each
+configuration runs in its own child process, so that its peak resident memory is its own: what one
+hospital's training process needs. "glibc-heap" runs without `federimed.memory.return_freed_memory`. Every synthetic dialogue fills `seq_len` tokens (its case text is cut
+to fit) with a short answer, as the longest real case dialogues do; tokens counts non-padding tokens. The
+configurations take turns, `--rounds` times, so that a noisy shared machine slows them alike; the median
+of each is reported, with the CPU's model and flags and each run's first loss (the same batch: the
+configurations must agree on it).
 """
 
 from __future__ import annotations
@@ -13,25 +17,30 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-
-import torch
-
-from federimed.config import LoraSettings, ModelSettings, TrainSettings
-from federimed.model import add_lora, load_base
-from federimed.precision import autocast_dtype
-from federimed.cpu import this_cpu
-from federimed.training import Example, encode_dialogues, train_local
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 _CASE = "A {age}-year-old patient with {finding}, blood pressure 150/95 mmHg, HbA1c 7.9 %, BMI 31. "
 _FINDINGS = ("essential hypertension", "type 2 diabetes", "hyperlipidemia", "acute bronchitis", "COPD")
 _ANSWERS = ("lisinopril 10 MG Oral Tablet", "metformin hydrochloride 500 MG", "simvastatin 20 MG", "amoxicillin")
+CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, freed memory returned)
+    "fp32": ("fp32", "float32", False, True),
+    "bf16": ("bf16", "float32", False, True),
+    "bf16+glibc-heap": ("bf16", "float32", False, False),
+    "bf16+bf16-weights": ("bf16", "bfloat16", False, True),
+    "fp32+checkpointing": ("fp32", "float32", True, True),
+    "bf16+checkpointing": ("bf16", "float32", True, True),
+    "bf16+bf16-weights+checkpointing": ("bf16", "bfloat16", True, True),
+}
 
 
-def synthetic_examples(tokenizer, count: int, seq_len: int) -> list[Example]:
+def synthetic_examples(tokenizer, count: int, seq_len: int):
     """`count` dialogues that each fill `seq_len` tokens, with short answers."""
+    from federimed.training import encode_dialogues
+
     dialogues = [
         {
             "id": f"bench-{i}",
@@ -48,60 +57,80 @@ def synthetic_examples(tokenizer, count: int, seq_len: int) -> list[Example]:
     return encode_dialogues(tokenizer, dialogues, seq_len)
 
 
-def compare_precisions(
-    settings: TrainSettings, precisions: list[str], *, steps: int, rounds: int, warmup_steps: int = 1
-) -> dict:
-    """Train `steps` timed steps per precision per round, precisions taking turns; medians per precision."""
-    model, tokenizer = load_base(ModelSettings())
-    model = add_lora(model, LoraSettings(), seed=settings.seed)
-    examples = synthetic_examples(tokenizer, 4 * settings.batch_size, settings.seq_len)
-    per_precision = {p: settings.model_copy(update={"precision": p}) for p in precisions}
-    for chosen in per_precision.values():
-        train_local(model, tokenizer, examples, chosen, steps=warmup_steps)
-    samples: dict[str, list[dict]] = {p: [] for p in precisions}
-    for _ in range(rounds):
-        for precision, chosen in per_precision.items():
-            result = train_local(model, tokenizer, examples, chosen, steps=steps)
-            samples[precision].append({"tokens_per_s": result.tokens_per_s, "seconds_per_step": result.seconds / steps,
-                                       "loss": result.loss})
-    cpu = this_cpu()
-    device = next(model.parameters()).device
-    return {
-        "precisions": {
-            p: {
-                "autocast": str(autocast_dtype(p, device, cpu.flags)).removeprefix("torch."),
-                "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in runs), 1),
-                "seconds_per_step": round(statistics.median(s["seconds_per_step"] for s in runs), 3),
-                "runs": [round(s["tokens_per_s"], 1) for s in runs],
-            }
-            for p, runs in samples.items()
-        },
-        "steps_per_run": steps,
-        "rounds": rounds,
-        "batch_size": settings.batch_size,
-        "seq_len": settings.seq_len,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "device": str(device),
-        "cpu": cpu.summary(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m_after": round(os.getloadavg()[0], 1),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+def child(config: str, steps: int, batch_size: int, seq_len: int) -> dict:
+    """One configuration in this process: a warm-up step, then `steps` timed steps."""
+    from federimed import training
+    from federimed.config import LoraSettings, ModelSettings, TrainSettings
+    from federimed.memory import peak_rss_mb
+    from federimed.model import add_lora, load_base
+    from federimed.training import train_local
+
+    precision, dtype, checkpointing, give_back = CONFIGS[config]
+    if not give_back:
+        training.return_freed_memory = lambda: False
+    model, tokenizer = load_base(ModelSettings(dtype=dtype))
+    model = add_lora(model, LoraSettings(), seed=0)
+    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing)
+    examples = synthetic_examples(tokenizer, 4 * batch_size, seq_len)
+    first = train_local(model, tokenizer, examples, settings, steps=1)
+    result = train_local(model, tokenizer, examples, settings, steps=steps, start_step=1, total_steps=steps + 1)
+    return {"tokens_per_s": result.tokens_per_s, "seconds_per_step": result.seconds / steps,
+            "first_loss": first.loss, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per precision and round")
-    parser.add_argument("--rounds", type=int, default=3, help="times each precision takes its turn")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=3, help="times each configuration takes its turn")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=TrainSettings().seq_len)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON file")
     args = parser.parse_args()
-    settings = TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len)
-    result = compare_precisions(settings, ["fp32", "bf16"], steps=args.steps, rounds=args.rounds)
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len)))
+        return
+
+    import torch
+
+    from federimed.cpu import this_cpu
+
+    configs = args.configs.split(",")
+    samples: dict[str, list[dict]] = {c: [] for c in configs}
+    for round_number in range(args.rounds):
+        for config in configs:
+            argv = [sys.executable, __file__, "--child", config, "--steps", str(args.steps),
+                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            samples[config].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {round_number + 1} {config}: {samples[config][-1]}", flush=True)
+    result = {
+        "configurations": {
+            name: {
+                "precision": CONFIGS[name][0], "base_weights": CONFIGS[name][1], "checkpointing": CONFIGS[name][2],
+                "freed_memory_returned": CONFIGS[name][3],
+                "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in runs), 1),
+                "seconds_per_step": round(statistics.median(s["seconds_per_step"] for s in runs), 3),
+                "peak_rss_mb": max(s["peak_rss_mb"] for s in runs),
+                "first_loss": round(runs[0]["first_loss"], 4),
+                "runs_tokens_per_s": [round(s["tokens_per_s"], 1) for s in runs],
+            }
+            for name, runs in samples.items()
+        },
+        "steps_per_run": args.steps,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "cpu": this_cpu().summary(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m_after": round(os.getloadavg()[0], 1),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result["configurations"], indent=2))
 
 
 if __name__ == "__main__":

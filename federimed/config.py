@@ -111,6 +111,11 @@ class TrainSettings(_Settings):
         "auto", pattern="^(auto|fp32|bf16)$",
         description="matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16), fp32 or bf16",
     )
+    checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in the backward pass instead of keeping them: about "
+        "1.2 GB less per site at batch 4, for more compute (bench/results/train_speed.json)",
+    )
 
     @model_validator(mode="before")
     @classmethod

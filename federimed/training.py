@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from federimed.config import TrainSettings
+from federimed.memory import return_freed_memory
 from federimed.precision import training_autocast
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,9 @@ def train_local(
     seed = settings.seed * 1_000_003 + start_step
     sampler = _batches(len(examples), settings.batch_size, torch.Generator().manual_seed(seed))
     losses, seen, tokens = [], 0, 0
+    return_freed_memory()
     autocast = training_autocast(settings.precision, device)
+    _set_checkpointing(model, settings.checkpointing)
     model.train()
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(
@@ -297,6 +300,16 @@ def train_local(
             tokens += int(batch["attention_mask"].sum())
             bar(f"loss {losses[-1]:.3f}")
     return TrainResult(sum(losses) / len(losses), steps, seen, tokens, time.perf_counter() - started)
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation checkpointing of the (wrapped) transformers model on or off."""
+    if not getattr(model, "supports_gradient_checkpointing", False) or model.is_activation_checkpointing == on:
+        return
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
 
 
 @contextmanager

@@ -68,13 +68,20 @@ SecAggClip = Annotated[float, typer.Option(
     min=1e-9, help="With --secagg: each value of (dialogues / max-weight) × update is clipped to ± this.")]
 Precision = Annotated[str, typer.Option(
     help="Matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16, else fp32), fp32 or bf16.")]
+Checkpointing = Annotated[bool, typer.Option(
+    "--checkpointing/--no-checkpointing", help="Recompute activations in the backward pass: about 1.2 GB less "
+    "memory per hospital at batch 4, for more compute (README 'Memory').")]
+Dtype = Annotated[str, typer.Option(
+    help="Dtype the frozen base weights are held in: auto (bfloat16 on CUDA, else float32), float32 or bfloat16 "
+    "(half the weight memory; the adapter stays float32).")]
 SecAggLevels = Annotated[int, typer.Option(
     min=2, help="With --secagg: quantisation levels over the clipping range (times hospitals must stay < 2^32).")]
 
 
 def _settings(
     rounds: int, epochs: float, local_steps: int | None, batch_size: int, seq_len: int, lr: float, seed: int,
-    base_model: str, heldout_max: int = HELDOUT_MAX_DIALOGUES, precision: str = "auto",
+    base_model: str, heldout_max: int = HELDOUT_MAX_DIALOGUES, precision: str = "auto", checkpointing: bool = False,
+    dtype: str = "auto",
 ):
     from pydantic import ValidationError
 
@@ -83,9 +90,10 @@ def _settings(
     try:
         return RunSettings(
             rounds=rounds,
-            model=ModelSettings(base=base_model),
+            model=ModelSettings(base=base_model, dtype=dtype),
             train=TrainSettings(epochs=0 if local_steps else epochs, local_steps=local_steps or 1,
-                                batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, precision=precision),
+                                batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, precision=precision,
+                                checkpointing=checkpointing),
             heldout_max_dialogues=heldout_max,
         )
     except ValidationError as err:
@@ -188,6 +196,8 @@ def train(
     base_model: BaseModel = "smollm2-135m-instruct",
     heldout_max: HeldoutMax = HELDOUT_MAX_DIALOGUES,
     precision: Precision = "auto",
+    checkpointing: Checkpointing = False,
+    dtype: Dtype = "auto",
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
@@ -224,7 +234,8 @@ def train(
         found = ingested_hospitals(data, names)
     except HospitalDataError as err:
         raise fail(str(err)) from None
-    settings = _settings(rounds, epochs, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision)
+    settings = _settings(rounds, epochs, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision,
+                         checkpointing, dtype)
     if mode != "federated":
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:
