@@ -140,7 +140,7 @@ def test_robust_aggregators_resist_an_outlier_that_passes_every_check(name: str,
 
 
 def test_bad_configuration_is_refused() -> None:
-    with pytest.raises(ValueError, match="aggregator must be one of fedavg, trimmed-mean, median"):
+    with pytest.raises(ValueError, match="aggregator must be one of fedavg, fedavgm, trimmed-mean, median"):
         make_aggregator("krum")
     with pytest.raises(ValueError, match="trim_fraction"):
         make_aggregator("trimmed-mean", trim_fraction=0.5)
@@ -219,3 +219,33 @@ def test_the_strategy_can_aggregate_with_the_median() -> None:
     for key in KEYS:
         np.testing.assert_allclose(arrays[key].numpy(), np.median(np.stack([s[key] for s in states]), axis=0))
     assert set(strategy.rounds[1].hospitals) == {"h1", "h2", "h3"} and not strategy.rounds[1].rejected
+
+
+def test_the_server_momentum_step_equals_a_hand_computation() -> None:
+    """FedAvgM over two rounds: m₁ = g₀ − mean₁, g₁ = g₀ − lr·m₁; m₂ = β·m₁ + (g₁ − mean₂), g₂ = g₁ − lr·m₂."""
+    from flwr.app import ConfigRecord
+
+    from federimed.fl.strategy import HOSPITAL_RECORD, TRAIN_METRICS, AdapterFedAvg
+
+    lr, beta = 0.5, 0.9
+    strategy = AdapterFedAvg(hospitals=2, aggregator="fedavgm", server_lr=lr, server_momentum=beta)
+    g0 = _global()
+    global_state, momentum = g0, None
+    for round_number in (1, 2):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            round_number, ArrayRecord({k: Array(v) for k, v in global_state.items()}), ConfigRecord(), _Grid([1, 2]))}
+        states = {1: _honest(global_state, 10 * round_number + 1), 2: _honest(global_state, 10 * round_number + 2)}
+        weights = {1: 1, 2: 3}
+        replies = [Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in states[node].items()}),
+            "metrics": MetricRecord({key: 1.0 for key in TRAIN_METRICS} | {"num-examples": weights[node]}),
+            HOSPITAL_RECORD: ConfigRecord({"name": f"h{node}"}),
+        }), reply_to=sent[node]) for node in (1, 2)]
+        arrays, _ = strategy.aggregate_train(round_number, replies)
+        step = {k: global_state[k] - (states[1][k] * 1 + states[2][k] * 3) / 4 for k in KEYS}  # global − mean
+        momentum = step if momentum is None else {k: beta * momentum[k] + step[k] for k in KEYS}
+        for key in KEYS:
+            expected = global_state[key] - lr * momentum[key]
+            np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(expected, global_state[key] - step[key])  # not the plain weighted mean
+        global_state = {k: arrays[k].numpy() for k in KEYS}

@@ -41,9 +41,12 @@ RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, l
 MaxUpdateNorm = Annotated[float, typer.Option(
     min=0, help="Reject a hospital's update whose L2 distance to the global adapter exceeds this (0: no bound).")]
 Aggregator = Annotated[str, typer.Option(
-    click_type=click.Choice(["fedavg", "trimmed-mean", "median"]),
-    help="How updates are combined: fedavg (weighted mean), or trimmed-mean / median (coordinate-wise, "
-    "unweighted, robust to outliers).")]
+    click_type=click.Choice(["fedavg", "fedavgm", "trimmed-mean", "median"]),
+    help="How updates are combined: fedavg (weighted mean), fedavgm (the mean taken as a server SGD step with "
+    "momentum), or trimmed-mean / median (coordinate-wise, unweighted, robust to outliers).")]
+ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm: the server's learning rate.")]
+ServerMomentum = Annotated[float, typer.Option(
+    min=0.0, max=0.999, help="With --aggregator fedavgm: the server's momentum.")]
 TrimFraction = Annotated[float, typer.Option(
     min=0.01, max=0.49, help="For trimmed-mean: share of hospitals trimmed at each end of every coordinate.")]
 Dp = Annotated[bool, typer.Option(
@@ -203,6 +206,8 @@ def train(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = "fedavg",
     trim_fraction: TrimFraction = 0.34,
+    server_lr: ServerLr = 1.0,
+    server_momentum: ServerMomentum = 0.9,
     dp: Dp = False,
     noise_multiplier: NoiseMultiplier = 1.0,
     clip: Clip = 1.0,
@@ -243,6 +248,7 @@ def train(
             settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
             max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+            server_lr=server_lr, server_momentum=server_momentum,
             dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
             secagg=secagg, secagg_num_shares=secagg_num_shares,
             secagg_reconstruction_threshold=secagg_reconstruction_threshold,
@@ -301,6 +307,8 @@ def server(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = "fedavg",
     trim_fraction: TrimFraction = 0.34,
+    server_lr: ServerLr = 1.0,
+    server_momentum: ServerMomentum = 0.9,
     dp: Dp = False,
     noise_multiplier: NoiseMultiplier = 1.0,
     clip: Clip = 1.0,
@@ -338,6 +346,7 @@ def server(
     options = _server_options(
         settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
         resume_run=resume or "", max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+        server_lr=server_lr, server_momentum=server_momentum,
         dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
         secagg=secagg, secagg_num_shares=secagg_num_shares,
         secagg_reconstruction_threshold=secagg_reconstruction_threshold,

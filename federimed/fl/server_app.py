@@ -71,6 +71,8 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
         max_update_norm=0.0 if options.secagg else options.max_update_norm,  # SecAgg+: hospitals check it
         aggregator=options.aggregator,
         trim_fraction=options.trim_fraction,
+        server_lr=options.server_lr,
+        server_momentum=options.server_momentum,
         secure=options.secagg,
     )
     if options.secagg:

@@ -72,9 +72,11 @@ class ServerOptions(BaseModel):
     max_update_norm: float = Field(
         0.0, ge=0, description="reject replies with ‖reply − global‖₂ above this, 0: no bound [max-update-norm]"
     )
-    aggregator: Literal["fedavg", "trimmed-mean", "median"] = Field(
+    aggregator: Literal["fedavg", "fedavgm", "trimmed-mean", "median"] = Field(
         "fedavg", description="how accepted replies are combined [aggregator]"
     )
+    server_lr: float = Field(1.0, gt=0, description="fedavgm: the server's learning rate [server-lr]")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: the server's momentum [server-momentum]")
     trim_fraction: float = Field(
         0.34, gt=0, lt=0.5, description="share trimmed at each end by trimmed-mean [trim-fraction]"
     )

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from federimed.fl.validation import ReplyScreen, make_aggregator
 
@@ -100,7 +100,8 @@ class AdapterFedAvg(FedAvg):
     `first_round` shifts round numbers so a resumed run continues its numbering (strategy.start counts
     from 1): `server-round` in the train config and all ledger entries use the run's round numbers.
     Replies whose update norm exceeds `max_update_norm` (0: no bound) or that are malformed are rejected;
-    `aggregator` is "fedavg", "trimmed-mean" (trimming `trim_fraction` at each end) or "median".
+    `aggregator` is "fedavg", "fedavgm" (server SGD with `server_lr` and `server_momentum`), "trimmed-mean"
+    (trimming `trim_fraction` at each end) or "median".
     `secure`: the replies come from a `federimed.fl.secagg.SecAggGrid` and all carry the SecAgg+ aggregate,
     so no per-hospital update norm exists (the hospitals check their own bound) and none is recorded.
     """
@@ -115,6 +116,8 @@ class AdapterFedAvg(FedAvg):
         max_update_norm: float = 0.0,
         aggregator: str = "fedavg",
         trim_fraction: float = 0.34,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.9,
         secure: bool = False,
     ) -> None:
         if not 1 <= min_hospitals <= hospitals:
@@ -132,7 +135,9 @@ class AdapterFedAvg(FedAvg):
         self.names: dict[int, str] = {}
         self._sampled: dict[int, int] = {}  # node id -> bytes sent, for the round in flight
         self.screen = ReplyScreen(max_update_norm=max_update_norm, metric_keys=TRAIN_METRICS)
-        self.aggregator = make_aggregator(aggregator, trim_fraction=trim_fraction)
+        self.aggregator = make_aggregator(
+            aggregator, trim_fraction=trim_fraction, server_lr=server_lr, server_momentum=server_momentum
+        )
         self._sent: list[Message] = []  # the instructions in flight (the Grid sets their message ids)
 
     def run_round(self, server_round: int) -> int:
@@ -161,6 +166,8 @@ class AdapterFedAvg(FedAvg):
         self.rounds[number] = RoundLog(round=number, secure_aggregation=self.secure)
         self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
         self.screen.set_global(arrays)
+        if isinstance(self.aggregator, FedAvgM) and self.aggregator.current_arrays is None:
+            self.aggregator.current_arrays = arrays  # a server optimiser steps from the global adapter
         self._sent = messages
         return messages
 

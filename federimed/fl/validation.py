@@ -7,9 +7,10 @@ global adapter the server sent, only finite values, and an update norm ‖reply 
 `max_update_norm` (0: no bound). A rejected reply is logged with its hospital and reason and left out;
 the round goes on with the others.
 
-Robust aggregation: `make_aggregator` returns Flower's FedAvg (weighted mean), FedTrimmedAvg (coordinate-
-wise trimmed mean) or FedMedian (coordinate-wise median); the last two ignore `num-examples` weights, so
-no hospital can buy influence by claiming many examples, and one outlier cannot drag the result far.
+Aggregation: `make_aggregator` returns Flower's FedAvg (weighted mean), FedAvgM (the weighted mean taken as
+a pseudo-gradient by a server SGD step with momentum), FedTrimmedAvg (coordinate-wise trimmed mean) or
+FedMedian (coordinate-wise median); the last two ignore `num-examples` weights, so no hospital can buy
+influence by claiming many examples, and one outlier cannot drag the result far.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
 
 log = logging.getLogger("flwr").getChild("federimed")
 
-AGGREGATORS = ("fedavg", "trimmed-mean", "median")
+AGGREGATORS = ("fedavg", "fedavgm", "trimmed-mean", "median")
 WEIGHT_KEY = "num-examples"
 
 
@@ -154,14 +155,20 @@ def _few(keys: Collection[str], limit: int = 3) -> str:
     return "[" + ", ".join(shown) + (", ..." if len(keys) > limit else "") + "]"
 
 
-def make_aggregator(name: str, *, trim_fraction: float = 0.34) -> FedAvg:
+def make_aggregator(
+    name: str, *, trim_fraction: float = 0.34, server_lr: float = 1.0, server_momentum: float = 0.9
+) -> FedAvg:
     """Flower's strategy whose `aggregate_train` implements `name` (one of AGGREGATORS).
 
+    `fedavgm`: global ← global − server_lr · m, m ← server_momentum · m + (global − weighted mean); its
+    `current_arrays` must hold the global adapter before the first aggregation.
     `trimmed-mean` drops int(trim_fraction × n) values at each end of every coordinate (n replies):
     0.34 trims one of three hospitals each side; with fewer than 1/trim_fraction replies it trims none.
     """
     if name == "fedavg":
         return FedAvg(weighted_by_key=WEIGHT_KEY)
+    if name == "fedavgm":
+        return FedAvgM(weighted_by_key=WEIGHT_KEY, server_learning_rate=server_lr, server_momentum=server_momentum)
     if name == "trimmed-mean":
         if not 0 < trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in (0, 0.5), got {trim_fraction}")
