@@ -180,3 +180,20 @@ def test_training_logged_to_a_file_reports_progress_and_time_left(peft, tokenize
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training step")]
     assert [line.split(" · ")[0] for line in lines] == ["training step 3/8", "training step 4/8"]
     assert all(" s/step · about " in line and line.endswith(" left") for line in lines)
+
+
+def test_length_grouped_batches_cover_each_pass_once_with_little_padding() -> None:
+    from federimed.training import GROUP_BATCHES, length_grouped_batches
+
+    rng = torch.Generator().manual_seed(3)
+    lengths = torch.randint(100, 260, (189,), generator=rng).tolist()
+    sampler = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
+    span = 4 * GROUP_BATCHES
+    per_pass = sum(-(-min(span, 189 - start) // 4) for start in range(0, 189, span))
+    for _ in range(2):  # two passes: every dialogue exactly once in each
+        batches = [next(sampler) for _ in range(per_pass)]
+        assert sorted(i for b in batches for i in b) == list(range(189))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded / sum(lengths) < 1.05  # random batches of 4 from these lengths pad about 20 %
+    again = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
+    assert [next(again) for _ in range(per_pass)] != batches  # passes are reshuffled (this was the second)
