@@ -140,7 +140,7 @@ def test_robust_aggregators_resist_an_outlier_that_passes_every_check(name: str,
 
 
 def test_bad_configuration_is_refused() -> None:
-    with pytest.raises(ValueError, match="aggregator must be one of fedavg, fedavgm, trimmed-mean, median"):
+    with pytest.raises(ValueError, match="aggregator must be one of fedavg, fednova, fedavgm, trimmed-mean, median"):
         make_aggregator("krum")
     with pytest.raises(ValueError, match="trim_fraction"):
         make_aggregator("trimmed-mean", trim_fraction=0.5)
@@ -221,31 +221,59 @@ def test_the_strategy_can_aggregate_with_the_median() -> None:
     assert set(strategy.rounds[1].hospitals) == {"h1", "h2", "h3"} and not strategy.rounds[1].rejected
 
 
-def test_the_server_momentum_step_equals_a_hand_computation() -> None:
-    """FedAvgM over two rounds: m₁ = g₀ − mean₁, g₁ = g₀ − lr·m₁; m₂ = β·m₁ + (g₁ − mean₂), g₂ = g₁ − lr·m₂."""
+def _round(strategy, round_number: int, global_state: dict, states: dict, metrics: dict) -> dict[str, np.ndarray]:
+    """One round of `strategy` from `global_state`: node → state and extra metrics in, the new global out."""
     from flwr.app import ConfigRecord
 
-    from federimed.fl.strategy import HOSPITAL_RECORD, TRAIN_METRICS, AdapterFedAvg
+    from federimed.fl.strategy import HOSPITAL_RECORD, TRAIN_METRICS
+
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        round_number, ArrayRecord({k: Array(v) for k, v in global_state.items()}), ConfigRecord(), _Grid(list(states)))}
+    replies = [Message(RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+        "metrics": MetricRecord({key: 1.0 for key in TRAIN_METRICS} | metrics[node]),
+        HOSPITAL_RECORD: ConfigRecord({"name": f"h{node}"}),
+    }), reply_to=sent[node]) for node, state in states.items()]
+    arrays, _ = strategy.aggregate_train(round_number, replies)
+    return {key: arrays[key].numpy() for key in KEYS}
+
+
+def test_the_server_momentum_step_equals_a_hand_computation() -> None:
+    """FedAvgM over two rounds: m₁ = g₀ − mean₁, g₁ = g₀ − lr·m₁; m₂ = β·m₁ + (g₁ − mean₂), g₂ = g₁ − lr·m₂."""
+    from federimed.fl.strategy import AdapterFedAvg
 
     lr, beta = 0.5, 0.9
     strategy = AdapterFedAvg(hospitals=2, aggregator="fedavgm", server_lr=lr, server_momentum=beta)
-    g0 = _global()
-    global_state, momentum = g0, None
+    global_state, momentum = _global(), None
     for round_number in (1, 2):
-        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
-            round_number, ArrayRecord({k: Array(v) for k, v in global_state.items()}), ConfigRecord(), _Grid([1, 2]))}
         states = {1: _honest(global_state, 10 * round_number + 1), 2: _honest(global_state, 10 * round_number + 2)}
-        weights = {1: 1, 2: 3}
-        replies = [Message(RecordDict({
-            "arrays": ArrayRecord({k: Array(v) for k, v in states[node].items()}),
-            "metrics": MetricRecord({key: 1.0 for key in TRAIN_METRICS} | {"num-examples": weights[node]}),
-            HOSPITAL_RECORD: ConfigRecord({"name": f"h{node}"}),
-        }), reply_to=sent[node]) for node in (1, 2)]
-        arrays, _ = strategy.aggregate_train(round_number, replies)
+        new = _round(strategy, round_number, global_state, states, {1: {"num-examples": 1}, 2: {"num-examples": 3}})
         step = {k: global_state[k] - (states[1][k] * 1 + states[2][k] * 3) / 4 for k in KEYS}  # global − mean
         momentum = step if momentum is None else {k: beta * momentum[k] + step[k] for k in KEYS}
         for key in KEYS:
             expected = global_state[key] - lr * momentum[key]
-            np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(new[key], expected, rtol=1e-5, atol=1e-6)
             assert not np.allclose(expected, global_state[key] - step[key])  # not the plain weighted mean
-        global_state = {k: arrays[k].numpy() for k in KEYS}
+        global_state = new
+
+
+def test_fednova_normalises_each_update_by_its_local_steps() -> None:
+    """x ← x + τ_eff Σ pᵢ (xᵢ − x) / τᵢ with pᵢ = nᵢ / Σ n and τ_eff = Σ pᵢ τᵢ; equal steps give FedAvg."""
+    from federimed.fl.strategy import AdapterFedAvg
+
+    g = _global()
+    states = {1: _honest(g, 1), 2: _honest(g, 2), 3: _honest(g, 3)}
+    sizes, steps = {1: 189, 2: 46, 3: 34}, {1: 48, 2: 12, 3: 9}
+    metrics = {n: {"num-examples": sizes[n], "steps": steps[n]} for n in states}
+    new = _round(AdapterFedAvg(hospitals=3, aggregator="fednova"), 1, g, states, metrics)
+    share = {n: sizes[n] / sum(sizes.values()) for n in states}
+    tau_eff = sum(share[n] * steps[n] for n in states)
+    for key in KEYS:
+        expected = g[key] + tau_eff * sum(share[n] * (states[n][key] - g[key]) / steps[n] for n in states)
+        np.testing.assert_allclose(new[key], expected, rtol=1e-5, atol=1e-6)
+        fedavg = sum(share[n] * states[n][key] for n in states)
+        assert not np.allclose(new[key], fedavg, rtol=1e-4, atol=1e-6)
+    same_steps = {n: {"num-examples": sizes[n], "steps": 10} for n in states}
+    new = _round(AdapterFedAvg(hospitals=3, aggregator="fednova"), 1, g, states, same_steps)
+    for key in KEYS:
+        np.testing.assert_allclose(new[key], sum(share[n] * states[n][key] for n in states), rtol=1e-5, atol=1e-6)

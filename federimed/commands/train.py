@@ -41,8 +41,9 @@ RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, l
 MaxUpdateNorm = Annotated[float, typer.Option(
     min=0, help="Reject a hospital's update whose L2 distance to the global adapter exceeds this (0: no bound).")]
 Aggregator = Annotated[str, typer.Option(
-    click_type=click.Choice(["fedavg", "fedavgm", "trimmed-mean", "median"]),
-    help="How updates are combined: fedavg (weighted mean), fedavgm (the mean taken as a server SGD step with "
+    click_type=click.Choice(["fedavg", "fednova", "fedavgm", "trimmed-mean", "median"]),
+    help="How updates are combined: fedavg (weighted mean), fednova (the weighted mean of updates divided by "
+    "each hospital's local steps: hospitals that run more steps do not outweigh the others), fedavgm (the mean taken as a server SGD step with "
     "momentum), or trimmed-mean / median (coordinate-wise, unweighted, robust to outliers).")]
 ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm: the server's learning rate.")]
 ServerMomentum = Annotated[float, typer.Option(

@@ -72,7 +72,7 @@ class ServerOptions(BaseModel):
     max_update_norm: float = Field(
         0.0, ge=0, description="reject replies with ‖reply − global‖₂ above this, 0: no bound [max-update-norm]"
     )
-    aggregator: Literal["fedavg", "fedavgm", "trimmed-mean", "median"] = Field(
+    aggregator: Literal["fedavg", "fednova", "fedavgm", "trimmed-mean", "median"] = Field(
         "fedavg", description="how accepted replies are combined [aggregator]"
     )
     server_lr: float = Field(1.0, gt=0, description="fedavgm: the server's learning rate [server-lr]")

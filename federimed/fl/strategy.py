@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
+from federimed.fl.fednova import FedNova
 from federimed.fl.validation import ReplyScreen, make_aggregator
 
 log = logging.getLogger("flwr").getChild("federimed")  # shown and streamed with Flower's own logs
@@ -100,7 +101,7 @@ class AdapterFedAvg(FedAvg):
     `first_round` shifts round numbers so a resumed run continues its numbering (strategy.start counts
     from 1): `server-round` in the train config and all ledger entries use the run's round numbers.
     Replies whose update norm exceeds `max_update_norm` (0: no bound) or that are malformed are rejected;
-    `aggregator` is "fedavg", "fedavgm" (server SGD with `server_lr` and `server_momentum`), "trimmed-mean"
+    `aggregator` is "fedavg", "fednova" (step-normalised), "fedavgm" (server SGD with `server_lr` and `server_momentum`), "trimmed-mean"
     (trimming `trim_fraction` at each end) or "median".
     `secure`: the replies come from a `federimed.fl.secagg.SecAggGrid` and all carry the SecAgg+ aggregate,
     so no per-hospital update norm exists (the hospitals check their own bound) and none is recorded.
@@ -166,8 +167,10 @@ class AdapterFedAvg(FedAvg):
         self.rounds[number] = RoundLog(round=number, secure_aggregation=self.secure)
         self._sampled = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
         self.screen.set_global(arrays)
-        if isinstance(self.aggregator, FedAvgM) and self.aggregator.current_arrays is None:
-            self.aggregator.current_arrays = arrays  # a server optimiser steps from the global adapter
+        if isinstance(self.aggregator, FedNova) or isinstance(self.aggregator, FedAvgM) and (
+            self.aggregator.current_arrays is None
+        ):
+            self.aggregator.current_arrays = arrays  # both step from the global adapter (FedAvgM keeps its own)
         self._sent = messages
         return messages
 

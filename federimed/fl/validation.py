@@ -7,8 +7,9 @@ global adapter the server sent, only finite values, and an update norm ‖reply 
 `max_update_norm` (0: no bound). A rejected reply is logged with its hospital and reason and left out;
 the round goes on with the others.
 
-Aggregation: `make_aggregator` returns Flower's FedAvg (weighted mean), FedAvgM (the weighted mean taken as
-a pseudo-gradient by a server SGD step with momentum), FedTrimmedAvg (coordinate-wise trimmed mean) or
+Aggregation: `make_aggregator` returns Flower's FedAvg (weighted mean), FedNova (the weighted mean of
+step-normalised updates, `federimed.fl.fednova`), FedAvgM (the weighted mean taken as a pseudo-gradient
+by a server SGD step with momentum), FedTrimmedAvg (coordinate-wise trimmed mean) or
 FedMedian (coordinate-wise median); the last two ignore `num-examples` weights, so no hospital can buy
 influence by claiming many examples, and one outlier cannot drag the result far.
 """
@@ -24,9 +25,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
 
+from federimed.fl.fednova import FedNova
+
 log = logging.getLogger("flwr").getChild("federimed")
 
-AGGREGATORS = ("fedavg", "fedavgm", "trimmed-mean", "median")
+AGGREGATORS = ("fedavg", "fednova", "fedavgm", "trimmed-mean", "median")
 WEIGHT_KEY = "num-examples"
 
 
@@ -160,13 +163,15 @@ def make_aggregator(
 ) -> FedAvg:
     """Flower's strategy whose `aggregate_train` implements `name` (one of AGGREGATORS).
 
-    `fedavgm`: global ← global − server_lr · m, m ← server_momentum · m + (global − weighted mean); its
-    `current_arrays` must hold the global adapter before the first aggregation.
+    `fednova` and `fedavgm` need the round's global adapter in `current_arrays` before aggregating.
+    `fedavgm`: global ← global − server_lr · m, m ← server_momentum · m + (global − weighted mean).
     `trimmed-mean` drops int(trim_fraction × n) values at each end of every coordinate (n replies):
     0.34 trims one of three hospitals each side; with fewer than 1/trim_fraction replies it trims none.
     """
     if name == "fedavg":
         return FedAvg(weighted_by_key=WEIGHT_KEY)
+    if name == "fednova":
+        return FedNova(weighted_by_key=WEIGHT_KEY)
     if name == "fedavgm":
         return FedAvgM(weighted_by_key=WEIGHT_KEY, server_learning_rate=server_lr, server_momentum=server_momentum)
     if name == "trimmed-mean":
