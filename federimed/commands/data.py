@@ -95,6 +95,31 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         _summary([_ingest_one([h / "fhir"], h.name, out, heldout_share, seed) for h in hospitals], out)
 
+    @app.command("validation-split")
+    def validation_split_cmd(
+        data: Annotated[Path, typer.Argument(help="Ingested hospitals (data/hospitals).", resolve_path=True)] = Path(
+            "data/hospitals"),
+        out: Annotated[Path, typer.Option(help="Where the validation hospitals go.", resolve_path=True)] = Path(
+            "data/validation"),
+        share: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of training patients that validate.")] = 0.2,
+        seed: Seed = 0,
+    ) -> None:
+        """Carve a validation federation out of the training patients only (never the held-out ones), to
+        choose a training recipe on: train and score candidates with `federimed train --data OUT`."""
+        from ingest.validation_split import carve_validation
+
+        try:
+            counts = carve_validation(data, out, share, seed)
+        except (FileNotFoundError, ValueError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        table = Table(title=f"Validation federation in {out}")
+        for column in ("hospital", "training dialogues", "validation dialogues"):
+            table.add_column(column)
+        for name, row in counts.items():
+            table.add_row(name, str(row["train"]), str(row["validation"]))
+        console.print(table)
+
     @app.command("audit")
     def audit_cmd(
         directory: Annotated[Path, typer.Argument(help="Folder of ingest outputs to scan (every file, recursively).", resolve_path=True)],
