@@ -287,7 +287,7 @@ def train_local(
     losses, seen, tokens = [], 0, 0
     return_freed_memory()
     autocast = training_autocast(settings.precision, device)
-    _set_checkpointing(model, settings.checkpointing)
+    set_checkpointing(model, settings.checkpointing)
     model.train()
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bar(
@@ -312,7 +312,7 @@ def train_local(
     return TrainResult(sum(losses) / len(losses), steps, seen, tokens, time.perf_counter() - started)
 
 
-def _set_checkpointing(model: nn.Module, on: bool) -> None:
+def set_checkpointing(model: nn.Module, on: bool) -> None:
     """Turn activation checkpointing of the (wrapped) transformers model on or off."""
     if not getattr(model, "supports_gradient_checkpointing", False) or model.is_activation_checkpointing == on:
         return

@@ -11,7 +11,7 @@ import torch
 from dialogue_samples import TREATMENTS, dialogues
 
 from federimed.config import LoraSettings
-from federimed.training import _set_checkpointing, batch_loss, collate, encode_dialogues
+from federimed.training import set_checkpointing, batch_loss, collate, encode_dialogues
 
 _CHURN = """
 import sys, psutil, torch
@@ -50,7 +50,7 @@ def test_checkpointing_keeps_loss_and_gradients(base) -> None:
     peft.train()
 
     def loss_and_grads(checkpointing: bool) -> tuple[float, torch.Tensor]:
-        _set_checkpointing(peft, checkpointing)
+        set_checkpointing(peft, checkpointing)
         peft.zero_grad(set_to_none=True)
         loss, _ = batch_loss(peft, batch)
         loss.backward()
@@ -60,7 +60,7 @@ def test_checkpointing_keeps_loss_and_gradients(base) -> None:
     assert not peft.is_activation_checkpointing
     kept_loss, kept_grads = loss_and_grads(True)
     assert peft.is_activation_checkpointing
-    _set_checkpointing(peft, False)
+    set_checkpointing(peft, False)
     peft.zero_grad(set_to_none=True)
     assert kept_loss == pytest.approx(plain_loss, rel=1e-5)
     torch.testing.assert_close(kept_grads, plain_grads, rtol=1e-4, atol=1e-6)
