@@ -24,14 +24,13 @@ from transformers import PreTrainedTokenizerBase
 from federimed.config import TrainSettings
 from federimed.memory import return_freed_memory
 from federimed.precision import training_autocast
+from federimed.progress import ProgressLines
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 GROUP_BATCHES = 16
 """Length grouping: batches are formed by length within groups of this many batches of a pass."""
-PROGRESS_EVERY_S = 30.0
-"""How often training reports its progress when its output is not a terminal (a log file)."""
 ROLES = ("system", "user", "assistant")
 
 
@@ -325,8 +324,8 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
 @contextmanager
 def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Callable[[str], None]]:
     """Progress of steps `start` … `start + steps - 1` of a `total_steps` schedule, advanced once per call
-    of the yielded function: a transient rich bar on a terminal; elsewhere (output to a log file) a line
-    every `PROGRESS_EVERY_S` seconds and at the end, with the time left for the whole schedule."""
+    of the yielded function: a transient rich bar on a terminal; elsewhere (output to a log file)
+    `ProgressLines`, with the time left for the whole schedule."""
     if not show:
         yield lambda _: None
         return
@@ -337,26 +336,14 @@ def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Calla
             task = bar.add_task("training", total=steps)
             yield lambda text: bar.update(task, advance=1, description=f"training · {text}")
         return
-    started = last = time.perf_counter()
-    done = 0
+    lines, done = ProgressLines("training step", start), start
 
     def line(text: str) -> None:
-        nonlocal done, last
+        nonlocal done
         done += 1
-        now = time.perf_counter()
-        if now - last >= PROGRESS_EVERY_S or done == steps:
-            per_step = (now - started) / done
-            left = (total_steps - start - done) * per_step
-            print(f"training step {start + done}/{total_steps} · {text} · {per_step:.1f} s/step · "
-                  f"about {_duration(left)} left", flush=True)
-            last = now
+        lines(done, total_steps, text, last=done == start + steps)
 
     yield line
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 @torch.no_grad()

@@ -169,9 +169,9 @@ def test_train_local_refuses_no_examples_and_a_short_schedule(peft, tokenizer):
 
 def test_training_logged_to_a_file_reports_progress_and_time_left(peft, tokenizer, capsys, monkeypatch):
     """Output that is not a terminal (a stage's log file) gets progress lines with the time left."""
-    import federimed.training as training
+    import federimed.progress as progress
 
-    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
     initial = adapter_state(peft)
     examples = encode_dialogues(tokenizer, dialogues(4), 96)
     train_local(peft, tokenizer, examples, TrainSettings(batch_size=2, seq_len=96), steps=2, start_step=2,
@@ -179,7 +179,7 @@ def test_training_logged_to_a_file_reports_progress_and_time_left(peft, tokenize
     load_adapter_state(peft, initial)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training step")]
     assert [line.split(" · ")[0] for line in lines] == ["training step 3/8", "training step 4/8"]
-    assert all(" s/step · about " in line and line.endswith(" left") for line in lines)
+    assert all(" s each · about " in line and line.endswith(" left") for line in lines)
 
 
 def test_length_grouped_batches_cover_each_pass_once_with_little_padding() -> None:

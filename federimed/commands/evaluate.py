@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from federimed.progress import ProgressLines
+
 console = Console()
 err = Console(stderr=True)
 
@@ -84,8 +86,12 @@ def evaluate(
                   console=console) as bar:
         task = bar.add_task("answering held-out cases", total=1)
 
+        lines = None if console.is_terminal else ProgressLines("answered held-out cases")
+
         def progress(label: str, done: int, total: int) -> None:
             bar.update(task, description=f"answering held-out cases ({label})", completed=done, total=total)
+            if lines:  # a log file: no bar is drawn there
+                lines(done, total, label)
 
         scores = evaluate_contenders(contenders, cases, vocab, retrieval=modes[retrieval], progress=progress, **options)
         external_scores = []
