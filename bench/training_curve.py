@@ -1,6 +1,6 @@
 """The training curve: held-out loss and drug-F1 against passes over the data, per training mode.
 
-    .venv/bin/python bench/training_curve.py [--data data/hospitals] [--passes 8] [--f1-at 1,2,4,8]
+    .venv/bin/python bench/training_curve.py [--data data/hospitals] [--passes 8] [--f1-at 1,2,4,8] [--reuse]
 
 Each mode trains once with `federimed train --epochs P --rounds P` (one pass over every hospital's data
 per round, so checkpoint N has made N passes; the cosine schedule spans all P): federated (Flower on
@@ -10,7 +10,9 @@ itself. Every checkpoint's held-out loss (each hospital's held-out sample) comes
 is scored at the `--f1-at` checkpoints on every held-out case (greedy, no retrieval), beside the counting
 baselines (the most frequent drug set per diagnosis, pooled and per hospital) on the same cases.
 Writes bench/results/training.json and training.png: the curve, seconds per pass, tokens/s, the training
-precision, the CPU with its flags, and each site's peak resident memory.
+precision, the CPU with its flags, and each site's peak resident memory; the results of
+bench/train_speed.py (tokens/s and memory per precision and configuration) and bench/client_concurrency.py
+are copied in when present.
 """
 
 from __future__ import annotations
@@ -28,8 +30,26 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "training.json"
 
 
+def finished_run(runs_dir: Path, mode: str, hospitals: set[str], passes: int) -> Path | None:
+    """The newest run under `runs_dir` of `mode` on exactly `hospitals` that made `passes` passes in as many
+    rounds, all of them done (`--reuse`: the demo's runs are such runs)."""
+    found = []
+    for info_file in runs_dir.glob("*/run.json"):
+        info = json.loads(info_file.read_text())
+        train = info["settings"]["train"]
+        if (info["mode"], set(info["hospitals"]), info.get("rounds_completed"), info["settings"]["rounds"],
+                train.get("epochs")) == (mode, hospitals, passes, passes, passes):
+            found.append((info["created"], info_file.parent))
+    return max(found)[1] if found else None
+
+
 def train(mode: str, hospital: str | None, args: argparse.Namespace, log_dir: Path) -> Path:
-    """Train one model with the CLI; its run folder."""
+    """Train one model with the CLI (or, with `--reuse`, take a finished run of it); its run folder."""
+    if args.reuse:
+        trained_on = {hospital} if hospital else set(args.hospitals)
+        if run := finished_run(args.runs_dir, "local-only" if mode == "local" else mode, trained_on, args.passes):
+            print(f"reusing {run} for {mode} {hospital or ''}", flush=True)
+            return run
     before = {p.parent for p in args.runs_dir.glob("*/run.json")}
     argv = [sys.executable, "-m", "federimed.cli", "train", "--mode", mode, "--data", str(args.data),
             "--runs-dir", str(args.runs_dir), "--rounds", str(args.passes), "--epochs", str(args.passes),
@@ -116,6 +136,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--modes", default="centralized,local,federated")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--reuse", action="store_true",
+                        help="take finished runs of the same budget from --runs-dir (e.g. the demo's) instead of training")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.data, args.runs_dir = args.data.resolve(), args.runs_dir.resolve()
@@ -129,7 +151,7 @@ def main() -> None:
     from federimed.precision import autocast_dtype
     import torch
 
-    hospitals = hospital_names(args.data)
+    hospitals = args.hospitals = hospital_names(args.data)
     runs: dict[str, Path] = {}
     for mode in args.modes.split(","):
         if mode == "local":
@@ -163,6 +185,9 @@ def main() -> None:
         "models": models,
         "counting": counting,
     }
+    for name in ("train_speed", "client_concurrency"):  # tokens/s and memory per configuration, clients' schedule
+        if (measured := RESULTS.parent / f"{name}.json").is_file():
+            report[name] = json.loads(measured.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
