@@ -189,3 +189,11 @@ def test_the_loopback_federation_finds_its_own_run_beside_baselines_training_int
     assert new_federated_run(tmp_path, before) is None
     ours = new_run(tmp_path, RunSettings(), "federated", {"a": 1, "b": 1})
     assert new_federated_run(tmp_path, before) == ours.path
+
+
+def test_fednova_is_the_default_and_private_runs_default_to_the_mean() -> None:
+    assert ServerOptions().aggregator == "fednova"
+    assert ServerOptions(dp=True).aggregator == "fedavg"
+    assert ServerOptions(secagg=True).aggregator == "fedavg"
+    with pytest.raises(ValueError, match="dp needs aggregator 'fedavg'"):
+        ServerOptions(dp=True, aggregator="fednova")

@@ -51,7 +51,8 @@ def _audit_run(runs_dir: Path, run: str):
 
 
 def _server_options(settings, hospitals: int, runs_dir: Path, dp: dict[str, float] | None):
-    """ServerOptions of one audit federation: every hospital in every round, DP when `dp` is given."""
+    """ServerOptions of one audit federation: every hospital in every round, DP when `dp` is given; both
+    average with fedavg (what DP needs), so that the audit compares DP with no DP, not two aggregators."""
     from pydantic import ValidationError
 
     from federimed.fl.settings import ServerOptions
@@ -59,7 +60,7 @@ def _server_options(settings, hospitals: int, runs_dir: Path, dp: dict[str, floa
     extra = {"dp": True} | dp if dp is not None else {}
     try:
         return ServerOptions(settings=settings, hospitals=hospitals, min_hospitals=hospitals, runs_dir=runs_dir,
-                             **extra)
+                             aggregator="fedavg", **extra)
     except ValidationError as err:
         raise fail(f"invalid audit federation options: {err}") from None
 

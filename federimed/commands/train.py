@@ -40,9 +40,9 @@ BaseModel = Annotated[str, typer.Option(help="Base model: alias, local path or c
 RunsDir = Annotated[Path, typer.Option(help="Where runs (checkpoints, metrics, loss.png) are written.", resolve_path=True)]
 MaxUpdateNorm = Annotated[float, typer.Option(
     min=0, help="Reject a hospital's update whose L2 distance to the global adapter exceeds this (0: no bound).")]
-Aggregator = Annotated[str, typer.Option(
+Aggregator = Annotated[str | None, typer.Option(
     click_type=click.Choice(["fedavg", "fednova", "fedavgm", "trimmed-mean", "median"]),
-    help="How updates are combined: fedavg (weighted mean), fednova (the weighted mean of updates divided by "
+    help="How updates are combined [default: fednova; fedavg with --dp or --secagg]: fedavg (weighted mean), fednova (the weighted mean of updates divided by "
     "each hospital's local steps: hospitals that run more steps do not outweigh the others), fedavgm (the mean taken as a server SGD step with "
     "momentum), or trimmed-mean / median (coordinate-wise, unweighted, robust to outliers).")]
 ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm: the server's learning rate.")]
@@ -145,14 +145,15 @@ def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _server_options(**fields):
-    """ServerOptions, or a clear error when the options contradict each other (e.g. --dp with a median)."""
+def _server_options(aggregator: str | None, **fields):
+    """ServerOptions (the aggregator's default where `aggregator` is None), or a clear error when the options
+    contradict each other (e.g. --dp with a median)."""
     from pydantic import ValidationError
 
     from federimed.fl.settings import ServerOptions
 
     try:
-        return ServerOptions(**fields)
+        return ServerOptions(**fields, **({"aggregator": aggregator} if aggregator else {}))
     except ValidationError as err:
         problems = [(f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"] for e in err.errors()]
         raise fail("invalid federation options: " + "; ".join(problems)) from None
@@ -205,7 +206,7 @@ def train(
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
-    aggregator: Aggregator = "fedavg",
+    aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
     server_lr: ServerLr = 1.0,
     server_momentum: ServerMomentum = 0.9,
@@ -246,9 +247,9 @@ def train(
         run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
     else:
         options = _server_options(
-            settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
+            aggregator, settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
-            max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+            max_update_norm=max_update_norm, trim_fraction=trim_fraction,
             server_lr=server_lr, server_momentum=server_momentum,
             dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
             secagg=secagg, secagg_num_shares=secagg_num_shares,
@@ -306,7 +307,7 @@ def server(
         help="Admit only hospitals whose public key (*.pub in this directory, from `federimed hospital keygen`) "
         "is registered; needs --tls.", resolve_path=True)] = None,
     max_update_norm: MaxUpdateNorm = 0.0,
-    aggregator: Aggregator = "fedavg",
+    aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
     server_lr: ServerLr = 1.0,
     server_momentum: ServerMomentum = 0.9,
@@ -345,8 +346,8 @@ def server(
     if auth is not None and not site_keys:
         raise fail(f"--auth {auth}: no hospital public key (*.pub) found there")
     options = _server_options(
-        settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
-        resume_run=resume or "", max_update_norm=max_update_norm, aggregator=aggregator, trim_fraction=trim_fraction,
+        aggregator, settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
+        resume_run=resume or "", max_update_norm=max_update_norm, trim_fraction=trim_fraction,
         server_lr=server_lr, server_momentum=server_momentum,
         dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
         secagg=secagg, secagg_num_shares=secagg_num_shares,

@@ -73,7 +73,8 @@ class ServerOptions(BaseModel):
         0.0, ge=0, description="reject replies with ‖reply − global‖₂ above this, 0: no bound [max-update-norm]"
     )
     aggregator: Literal["fedavg", "fednova", "fedavgm", "trimmed-mean", "median"] = Field(
-        "fedavg", description="how accepted replies are combined [aggregator]"
+        "fednova",
+        description="how accepted replies are combined; left out, fednova, or fedavg under dp or secagg [aggregator]",
     )
     server_lr: float = Field(1.0, gt=0, description="fedavgm: the server's learning rate [server-lr]")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: the server's momentum [server-momentum]")
@@ -111,6 +112,14 @@ class ServerOptions(BaseModel):
         in another folder, writes where the caller meant. A relative runs-dir in a run config that reaches
         the ServerApp directly is resolved against the ServerApp's folder."""
         return path.resolve()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _private_runs_average(cls, data: object) -> object:
+        """DP and SecAgg+ need the plain weighted mean: it is their default aggregator."""
+        if isinstance(data, dict) and "aggregator" not in data and (data.get("dp") or data.get("secagg")):
+            return data | {"aggregator": "fedavg"}
+        return data
 
     @model_validator(mode="after")
     def _dp_needs_a_mean(self) -> ServerOptions:
