@@ -4,7 +4,8 @@ Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-
 Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or bf16 autocast), the dtype
 the frozen base weights are held in (float32 or bfloat16), and activation checkpointing off or on. Each
 configuration runs in its own child process, so that its peak resident memory is its own: what one
-hospital's training process needs. "glibc-heap" runs without `federimed.memory.return_freed_memory`. Every synthetic dialogue fills `seq_len` tokens (its case text is cut
+hospital's training process needs. "+fixed-heap" fixes glibc's mmap threshold
+(`federimed.memory.return_freed_memory`, which the checkpointing configurations always do). Every synthetic dialogue fills `seq_len` tokens (its case text is cut
 to fit) with a short answer, as the longest real case dialogues do; tokens counts non-padding tokens. The
 configurations take turns, `--rounds` times, so that a noisy shared machine slows them alike; the median
 of each is reported, with the CPU's model and flags and each run's first loss (the same batch: the
@@ -26,11 +27,11 @@ RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 _CASE = "A {age}-year-old patient with {finding}, blood pressure 150/95 mmHg, HbA1c 7.9 %, BMI 31. "
 _FINDINGS = ("essential hypertension", "type 2 diabetes", "hyperlipidemia", "acute bronchitis", "COPD")
 _ANSWERS = ("lisinopril 10 MG Oral Tablet", "metformin hydrochloride 500 MG", "simvastatin 20 MG", "amoxicillin")
-CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, freed memory returned)
-    "fp32": ("fp32", "float32", False, True),
-    "bf16": ("bf16", "float32", False, True),
-    "bf16+glibc-heap": ("bf16", "float32", False, False),
-    "bf16+bf16-weights": ("bf16", "bfloat16", False, True),
+CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, fixed mmap threshold)
+    "fp32": ("fp32", "float32", False, False),
+    "bf16": ("bf16", "float32", False, False),
+    "bf16+fixed-heap": ("bf16", "float32", False, True),
+    "bf16+bf16-weights": ("bf16", "bfloat16", False, False),
     "fp32+checkpointing": ("fp32", "float32", True, True),
     "bf16+checkpointing": ("bf16", "float32", True, True),
     "bf16+bf16-weights+checkpointing": ("bf16", "bfloat16", True, True),
@@ -59,15 +60,14 @@ def synthetic_examples(tokenizer, count: int, seq_len: int):
 
 def child(config: str, steps: int, batch_size: int, seq_len: int) -> dict:
     """One configuration in this process: a warm-up step, then `steps` timed steps."""
-    from federimed import training
     from federimed.config import LoraSettings, ModelSettings, TrainSettings
-    from federimed.memory import peak_rss_mb
+    from federimed.memory import peak_rss_mb, return_freed_memory
     from federimed.model import add_lora, load_base
     from federimed.training import train_local
 
-    precision, dtype, checkpointing, give_back = CONFIGS[config]
-    if not give_back:
-        training.return_freed_memory = lambda: False
+    precision, dtype, checkpointing, fixed_heap = CONFIGS[config]
+    if fixed_heap:
+        return_freed_memory()
     model, tokenizer = load_base(ModelSettings(dtype=dtype))
     model = add_lora(model, LoraSettings(), seed=0)
     settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing)
@@ -109,7 +109,7 @@ def main() -> None:
         "configurations": {
             name: {
                 "precision": CONFIGS[name][0], "base_weights": CONFIGS[name][1], "checkpointing": CONFIGS[name][2],
-                "freed_memory_returned": CONFIGS[name][3],
+                "fixed_mmap_threshold": CONFIGS[name][3],
                 "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in runs), 1),
                 "seconds_per_step": round(statistics.median(s["seconds_per_step"] for s in runs), 3),
                 "peak_rss_mb": max(s["peak_rss_mb"] for s in runs),

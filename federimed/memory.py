@@ -1,12 +1,14 @@
-"""Memory of a training process: keep glibc from hoarding freed activations, and report the peak.
+"""Memory of a training process: optionally keep glibc from hoarding freed activations; report the peak.
 
 glibc's malloc serves a large block (a batch's activations) with its own mmap, returned to the system
 when freed, but after the first such free it raises that threshold (up to 32 MiB on 64-bit), so later
 activations come from the heap, where freed memory stays resident and fragments as batch shapes change:
 a LoRA training process on the 2-core Intel Xeon grew from 2.9 GB to 4.9 GB resident over a run. Fixing
 the threshold at its initial 128 KiB (`mallopt(M_MMAP_THRESHOLD)`, which also turns off the dynamic
-raise) gives every large block back when it is freed: 1.1 GB resident between steps instead of 2.9 GB
-(bench/results/train_speed.json).
+raise) gives every large block back when it is freed: 1.1 GB resident between steps instead of 2.9 GB.
+But every batch then maps and faults in fresh pages: training ran at half the speed (170 against 346
+tokens/s, bench/results/train_speed.json), so only the low-memory mode (`TrainSettings.checkpointing`)
+does it.
 """
 
 from __future__ import annotations

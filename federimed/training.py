@@ -284,7 +284,8 @@ def train_local(
         [len(e.input_ids) for e in examples], settings.batch_size, torch.Generator().manual_seed(seed)
     )
     losses, seen, tokens = [], 0, 0
-    return_freed_memory()
+    if settings.checkpointing:  # the low-memory mode: keep neither activations nor freed heap memory
+        return_freed_memory()
     autocast = training_autocast(settings.precision, device)
     set_checkpointing(model, settings.checkpointing)
     model.train()
