@@ -115,7 +115,7 @@ class TrainSettings(_Settings):
         False,
         description="low-memory training: recompute each layer's activations in the backward pass instead of "
         "keeping them, and give freed memory back to the system (`federimed.memory`): about 1.2 GB per site at "
-        "batch 4 instead of 2.7, at about a third of the speed (README 'Memory per hospital')",
+        "batch 4 instead of 2.8, at about a quarter of the speed (README 'Memory per hospital')",
     )
 
     @model_validator(mode="before")

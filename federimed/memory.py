@@ -6,9 +6,8 @@ activations come from the heap, where freed memory stays resident and fragments 
 a LoRA training process on the 2-core Intel Xeon grew from 2.9 GB to 4.9 GB resident over a run. Fixing
 the threshold at its initial 128 KiB (`mallopt(M_MMAP_THRESHOLD)`, which also turns off the dynamic
 raise) gives every large block back when it is freed: 1.1 GB resident between steps instead of 2.9 GB.
-But every batch then maps and faults in fresh pages: training ran at half the speed (170 against 346
-tokens/s, bench/results/train_speed.json), so only the low-memory mode (`TrainSettings.checkpointing`)
-does it.
+But every batch then maps and faults in fresh pages: training ran at 193 against 519 tokens/s
+(bench/results/train_speed.json), so only the low-memory mode (`TrainSettings.checkpointing`) does it.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ Precision = Annotated[str, typer.Option(
     help="Matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16, else fp32), fp32 or bf16.")]
 Checkpointing = Annotated[bool, typer.Option(
     "--checkpointing/--no-checkpointing", help="Low-memory mode: recompute activations in the backward pass and "
-    "give freed memory back: about 1.2 GB per hospital at batch 4 instead of 2.7, at a third of the speed "
+    "give freed memory back: about 1.2 GB per hospital at batch 4 instead of 2.8, at a quarter of the speed "
     "(README 'Memory per hospital').")]
 Dtype = Annotated[str, typer.Option(
     help="Dtype the frozen base weights are held in: auto (bfloat16 on CUDA, else float32), float32 or bfloat16 "
