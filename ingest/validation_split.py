@@ -11,7 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-SPLITS = {"train.jsonl": "train", "targets.train.jsonl": "train"}
+SPLITS = ("train.jsonl", "targets.train.jsonl")
+"""The files of a training split that a validation split divides."""
 
 
 def validation_patients(patients: set[str], share: float, seed: int) -> set[str]:
