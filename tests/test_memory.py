@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-from dialogue_samples import TREATMENTS, dialogues
+from gradient_support import adapter_and_batch, loss_and_grads
 
-from federimed.config import LoraSettings
-from federimed.training import set_checkpointing, batch_loss, collate, encode_dialogues
+from federimed.training import set_checkpointing
 
 _CHURN = """
 import sys, psutil, torch
@@ -37,28 +36,16 @@ def test_freed_activations_leave_the_process() -> None:
 
 
 def test_checkpointing_keeps_loss_and_gradients(base) -> None:
-    from federimed.model import add_lora
-
-    model, tokenizer = base
-    peft = add_lora(model, LoraSettings(), seed=0)
-    with torch.no_grad():  # non-zero lora_B, so that every adapter matrix gets a gradient
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
-    batch = collate(encode_dialogues(tokenizer, dialogues(4, list(TREATMENTS)), 128), tokenizer.pad_token_id or 0,
-                    torch.device("cpu"))
+    peft, batch = adapter_and_batch(base)
     peft.train()
 
-    def loss_and_grads(checkpointing: bool) -> tuple[float, torch.Tensor]:
-        set_checkpointing(peft, checkpointing)
-        peft.zero_grad(set_to_none=True)
-        loss, _ = batch_loss(peft, batch)
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
+    def with_checkpointing(on: bool) -> tuple[float, torch.Tensor]:
+        set_checkpointing(peft, on)
+        return loss_and_grads(peft, batch)
 
-    plain_loss, plain_grads = loss_and_grads(False)
+    plain_loss, plain_grads = with_checkpointing(False)
     assert not peft.is_activation_checkpointing
-    kept_loss, kept_grads = loss_and_grads(True)
+    kept_loss, kept_grads = with_checkpointing(True)
     assert peft.is_activation_checkpointing
     set_checkpointing(peft, False)
     peft.zero_grad(set_to_none=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dialogue_samples import TREATMENTS, dialogues
+from gradient_support import adapter_and_batch, loss_and_grads
 
-from federimed.config import LoraSettings, TrainSettings
-from federimed.precision import autocast_dtype
+from federimed.config import TrainSettings
 from federimed.cpu import this_cpu
-from federimed.training import batch_loss, collate, encode_dialogues
+from federimed.precision import autocast_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"})
@@ -42,27 +41,14 @@ def test_unknown_precisions_are_refused() -> None:
 
 
 def test_bf16_loss_and_gradients_match_fp32(base) -> None:
-    from federimed.model import add_lora
+    peft, batch = adapter_and_batch(base)
 
-    model, tokenizer = base
-    peft = add_lora(model, LoraSettings(), seed=0)
-    with torch.no_grad():  # non-zero lora_B, so that every adapter matrix gets a gradient
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
-    examples = encode_dialogues(tokenizer, dialogues(4, list(TREATMENTS)), 128)
-    batch = collate(examples, tokenizer.pad_token_id or 0, CPU)
-
-    def loss_and_grads(dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
-        peft.zero_grad(set_to_none=True)
+    def with_autocast(dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            loss, _ = batch_loss(peft, batch)
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
-        return loss.item(), grads
+            return loss_and_grads(peft, batch)
 
-    fp32_loss, fp32_grads = loss_and_grads(None)
-    bf16_loss, bf16_grads = loss_and_grads(torch.bfloat16)
+    fp32_loss, fp32_grads = with_autocast(None)
+    bf16_loss, bf16_grads = with_autocast(torch.bfloat16)
     peft.zero_grad(set_to_none=True)
     assert bf16_loss == pytest.approx(fp32_loss, rel=0.01), (fp32_loss, bf16_loss)
     cosine = torch.nn.functional.cosine_similarity(fp32_grads, bf16_grads, dim=0).item()

@@ -1,0 +1,32 @@
+"""A LoRA model whose every adapter matrix gets a gradient, a fixed batch, and its loss and gradients:
+what tests comparing two ways of computing the same step (precision, checkpointing) share."""
+
+from __future__ import annotations
+
+import torch
+from dialogue_samples import TREATMENTS, dialogues
+
+from federimed.config import LoraSettings
+from federimed.training import batch_loss, collate, encode_dialogues
+
+
+def adapter_and_batch(base) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The base model wrapped with a seeded LoRA adapter with non-zero lora_B, and 4 dialogues of 128 tokens."""
+    from federimed.model import add_lora
+
+    model, tokenizer = base
+    peft = add_lora(model, LoraSettings(), seed=0)
+    with torch.no_grad():  # non-zero lora_B, so that every adapter matrix gets a gradient
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+    examples = encode_dialogues(tokenizer, dialogues(4, list(TREATMENTS)), 128)
+    return peft, collate(examples, tokenizer.pad_token_id or 0, torch.device("cpu"))
+
+
+def loss_and_grads(peft: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """The batch's loss and the adapter's gradient, flattened (gradients cleared first)."""
+    peft.zero_grad(set_to_none=True)
+    loss, _ = batch_loss(peft, batch)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
