@@ -161,6 +161,7 @@ class Case:
     procedures: list[Coded] = field(default_factory=list)
     careplans: list[Coded] = field(default_factory=list)
     careplan_activities: list[Coded] = field(default_factory=list)
+    ended_days: int | None = None  # days from the diagnosis's onset to its end; None while it lasts
 
     def target(self) -> dict:
         """The structured target record of ``targets.*.jsonl``."""
@@ -175,6 +176,7 @@ class Case:
             "procedures": [as_dict(c) for c in self.procedures],
             "careplans": [as_dict(c) for c in self.careplans],
             "careplan_activities": [as_dict(c) for c in self.careplan_activities],
+            "ended_days": self.ended_days,
         }
 
 
@@ -286,6 +288,7 @@ class _CaseBuilder:
             procedures=[Coded(p.code, self.scrub(p.description)) for p in _dedupe(procs, lambda p: p.code)],
             careplans=[Coded(p.code, self.scrub(p.description)) for p in _dedupe(plans, lambda p: p.code)],
             careplan_activities=[Coded(code, self.scrub(text)) for code, text in activities],
+            ended_days=None if primary.stop is None else (primary.stop - primary.start).days,
         )
 
     def snapshot(self, enc: Encounter, new_dx: list[Condition]) -> Snapshot:

@@ -43,3 +43,13 @@ def base():
     from federimed.model import load_base
 
     return load_base(ModelSettings())
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower messages made in a test take their run and node ids from the process's task identity, which
+    Flower's runtimes set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)

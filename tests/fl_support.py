@@ -1,9 +1,15 @@
-"""Tiny ingested hospital directories (contract format) and settings for the Flower tests."""
+"""Tiny ingested hospital directories (contract format), settings, and an in-process Grid for the Flower tests."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from federimed.config import RunSettings, TrainSettings
 
@@ -74,3 +80,34 @@ def leftovers(flwr_home: Path) -> list[str]:
         if marker in environ and state not in ("Z", "X"):
             found.append(f"{entry.name}: {command[:120]}")
     return found
+
+
+class LocalGrid:
+    """A Grid that delivers each message to `app` in the destination node's own Context (node id → node
+    config), and keeps every reply the server received."""
+
+    def __init__(self, node_configs: Mapping[int, dict], app: ClientApp) -> None:
+        self.app = app
+        self.run = SimpleNamespace(run_id=1)
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+            for node, config in node_configs.items()
+        }
+        self.received: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            content = recorddict_from_proto(recorddict_to_proto(message.content))  # a copy, as if sent:
+            delivered = Message(content, message.metadata.dst_node_id, message.metadata.message_type)  # not shared
+            try:
+                reply = self.app(delivered, self.contexts[message.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001 - what Flower's runtime turns into an error reply
+                reply = Message(Error(code=2, reason=repr(err)), reply_to=message)
+            replies.append(reply)
+        self.received.extend(replies)
+        return replies
+

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from federimed.cohort import CohortCounts, age_band, latest_artefact, lookup, release, stratum_key, write_artefact
+from federimed.cohort import (
+    CohortCounts,
+    age_band,
+    describe,
+    latest_artefact,
+    lookup,
+    release,
+    stratum_key,
+    write_artefact,
+)
 
 HTN, DM, RARE = "59621000", "44054006", "254637007"
 NAMES = {HTN: "Essential hypertension (disorder)", DM: "Diabetes mellitus type 2 (disorder)",
@@ -23,6 +32,8 @@ HOSPITALS = {
               ("s3", 47, "female", DM, ["metformin"]), ("s4", 49, "female", DM, ["metformin"])],
     "east": [("e1", 93, "female", HTN, ["hydrochlorothiazide"]), ("e2", 70, "male", RARE, ["cisplatin"])],
 }  # fmt: skip
+ENDED = {("north", "n3", HTN): 20, ("south", "s2", HTN): 200, ("south", "s3", DM): 30, ("south", "s4", DM): 45}
+"""(hospital, patient, diagnosis) → days from onset to the condition's end; the others last."""
 
 
 def write_hospital(folder: Path, rows: list[tuple]) -> None:
@@ -37,7 +48,8 @@ def write_hospital(folder: Path, rows: list[tuple]) -> None:
             {"role": "assistant", "content": f"Start medications: {', '.join(drugs) or 'none'}."}]})  # fmt: skip
         targets.append({"id": case_id, "patient": patient, "diagnosis": {"code": dx, "display": NAMES[dx]},
                         "drugs": [{"code": "1", "display": d, "ingredients": [d]} for d in drugs],
-                        "procedures": [], "careplans": [], "careplan_activities": []})  # fmt: skip
+                        "procedures": [], "careplans": [], "careplan_activities": [],
+                        "ended_days": ENDED.get((folder.name, patient, dx))})  # fmt: skip
     (folder / "manifest.json").write_text(json.dumps({"hospital": folder.name}))
     (folder / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dialogues))
     (folder / "targets.train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in targets))
@@ -52,22 +64,32 @@ def federation(tmp_path: Path) -> Path:
 
 def pooled_by_hand() -> dict[str, dict]:
     """The expected counts, straight from the pooled rows (patients are distinct across hospitals)."""
-    patients, decisions, drugs = defaultdict(set), Counter(), defaultdict(lambda: defaultdict(set))
+    patients, decisions, ended = defaultdict(set), Counter(), Counter()
+    drugs = defaultdict(lambda: defaultdict(set))
     for hospital, rows in HOSPITALS.items():
         for patient, age, sex, dx, started in rows:
             band = "90+" if age >= 90 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"
             for key in (f"{dx}|*|*", f"{dx}|{band}|{sex}"):
                 patients[key].add((hospital, patient))
                 decisions[key] += 1
+                ended[key] += ENDED.get((hospital, patient, dx), 999) <= 90
                 for drug in started:
                     drugs[key][drug].add((hospital, patient))
-    return {k: {"patients": len(p), "decisions": decisions[k], "drugs": {d: len(w) for d, w in drugs[k].items()}}
-            for k, p in patients.items()}
+    return {k: {"patients": len(p), "decisions": decisions[k], "ended": ended[k],
+                "drugs": {d: len(w) for d, w in drugs[k].items()}} for k, p in patients.items()}
 
 
 def as_plain(artefact: dict) -> dict[str, dict]:
-    return {k: {"patients": c["patients"], "decisions": c["decisions"], "drugs": c["drugs"]}
+    return {k: {"patients": c["patients"], "decisions": c["decisions"], "ended": c["ended"], "drugs": c["drugs"]}
             for k, c in artefact["strata"].items()}
+
+
+def summed(federation: Path) -> CohortCounts:
+    """The hospitals' counts added up, as the server does."""
+    total = CohortCounts()
+    for name in HOSPITALS:
+        total.add(CohortCounts.of_hospital(federation / name))
+    return total
 
 
 def test_age_bands_and_strata() -> None:
@@ -86,9 +108,7 @@ def test_summed_hospital_counts_equal_the_pooled_counts(federation: Path) -> Non
 
 
 def test_small_cells_are_suppressed_before_release(federation: Path) -> None:
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
     text = json.dumps(artefact)
     assert RARE not in text and "cisplatin" not in text and "lung cancer" not in text.lower()
@@ -96,15 +116,14 @@ def test_small_cells_are_suppressed_before_release(federation: Path) -> None:
     assert all(n >= 3 for c in artefact["strata"].values() for n in c["drugs"].values())
     hypertension = artefact["strata"][f"{HTN}|*|*"]  # 6 patients: lisinopril 3, amlodipine 1, HCTZ 2
     assert hypertension["drugs"] == {"lisinopril": 3} and hypertension["suppressed_drugs"] == 2
+    assert hypertension["ended"] is None  # 1 of 6 ended within 90 days: one patient's course
     assert artefact["suppressed_strata"] > 0
 
 
 def test_no_suppressed_count_can_be_worked_out_by_subtraction(federation: Path) -> None:
     """For each diagnosis, what the diagnosis cell shows minus what its age-and-sex cells show is 0 or
     at least min_cell, for patients and for every drug."""
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     for min_cell in (1, 2, 3, 4):
         strata = release(total, min_cell=min_cell, hospitals=list(HOSPITALS))["strata"]
         for key, whole in strata.items():
@@ -122,13 +141,14 @@ def test_no_suppressed_count_can_be_worked_out_by_subtraction(federation: Path) 
 
 
 def test_lookup_backs_off_to_the_diagnosis_when_the_stratum_is_small(federation: Path, tmp_path: Path) -> None:
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     everything = release(total, min_cell=1, hospitals=list(HOSPITALS))
     narrow = lookup(everything, HTN, "50-59", "male")  # n1, n2, s1, s2: 4 patients
     assert narrow.stratum == "Essential hypertension, 50-59, male" and narrow.patients == 4
     assert narrow.drugs == [("lisinopril", 0.75), ("hydrochlorothiazide", 0.25)] and narrow.hospitals == 2
+    diabetes = lookup(everything, DM, None, None)  # s3 and s4 ended in 30 and 45 days, n1's lasts
+    assert diabetes.ended_share == pytest.approx(2 / 3)
+    assert "The condition had ended within 90 days of its onset in 67% of the decisions." in describe(diabetes)
     write_artefact(tmp_path / "runs", release(total, min_cell=3, hospitals=list(HOSPITALS)))
     artefact = latest_artefact(tmp_path / "runs")
     wide = lookup(artefact, HTN, "50-59", "male")  # the 60-69 and 90+ women are 1 each: every narrow cell hidden
@@ -151,7 +171,7 @@ def test_bad_lines_are_named_by_line_never_by_case_id(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_counts_through_flower_equal_the_pooled_counts_and_hide_small_cells(federation: Path, tmp_path: Path) -> None:
+def test_counts_through_flower_equal_the_pooled_counts_and_hide_small_cells_with_and_without_secagg(federation: Path, tmp_path: Path) -> None:
     from federimed.commands.train import _app_dir
     from federimed.fl.deployment import cohort_on_loopback
     from federimed.fl.settings import ServerOptions
@@ -165,8 +185,11 @@ def test_counts_through_flower_equal_the_pooled_counts_and_hide_small_cells(fede
     artefact = json.loads(suppressed.read_text())
     assert artefact["hospitals"] == ["east", "north", "south"] and artefact["min_cell"] == 3
     assert RARE not in suppressed.read_text() and "cisplatin" not in suppressed.read_text()
+    secure = cohort_on_loopback(hospitals, ServerOptions(hospitals=3, runs_dir=runs, min_cell=1, secagg=True),
+                                _app_dir())
+    assert as_plain(json.loads(secure.read_text())) == pooled_by_hand()
     logs = "".join(p.read_text(errors="replace") for p in (runs / ".flower").rglob("*.log"))
-    assert "cohort statistics of 3 hospitals" in logs
+    assert "cohort statistics of 3 hospitals" in logs and "summed by SecAgg+" in logs
     assert RARE not in logs and "cisplatin" not in logs
 
 
@@ -187,9 +210,7 @@ def test_a_case_gets_the_counts_of_patients_like_it(federation: Path, tmp_path: 
     from federimed.assistant import Assistant
     from federimed.cohort import for_case
 
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
     case = "Patient: 57-year-old male\nNew diagnosis: Essential hypertension\nAllergies: none"
     text = for_case(artefact, case)
@@ -213,9 +234,7 @@ def test_cohort_counts_can_be_given_to_the_model_as_context(federation: Path) ->
     from federimed.evaluation.compare import cohort_prompts
     from federimed.evaluation.runner import HeldoutCase
 
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     artefact = release(total, min_cell=3, hospitals=list(HOSPITALS))
     case = HeldoutCase("c", "north", [{"role": "user", "content": "Patient: 57-year-old male\nNew diagnosis: "
                                        "Essential hypertension"}], "", frozenset(), (), ())
@@ -232,9 +251,7 @@ def test_an_artefact_of_other_hospitals_or_an_older_ingest_is_stale(federation: 
 
     from federimed.cohort import stale_for
 
-    total = CohortCounts()
-    for name in HOSPITALS:
-        total.add(CohortCounts.of_hospital(federation / name))
+    total = summed(federation)
     artefact = release(total, min_cell=1, hospitals=list(HOSPITALS))
     assert stale_for(artefact, federation, list(HOSPITALS)) is None
     assert "not east, north" in stale_for(artefact, federation, ["east", "north"])

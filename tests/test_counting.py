@@ -27,7 +27,7 @@ def target(case_id: str, patient: str, diagnosis: str, drugs: list[list[str]]) -
     return {
         "id": case_id, "patient": patient, "diagnosis": {"code": diagnosis, "display": diagnosis},
         "drugs": [{"code": str(i), "display": " / ".join(d), "ingredients": d} for i, d in enumerate(drugs)],
-        "procedures": [], "careplans": [], "careplan_activities": [],
+        "procedures": [], "careplans": [], "careplan_activities": [], "ended_days": None,
     }  # fmt: skip
 
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fl_support import leftovers, make_hospital, tiny_settings
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from fl_support import LocalGrid, leftovers, make_hospital, tiny_settings
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -33,15 +30,11 @@ from federimed.fl.settings import ServerOptions
 from federimed.fl.strategy import HOSPITAL_RECORD, AdapterFedAvg
 
 EXAMPLES = {"alpha": 4, "beta": 6, "gamma": 8}
-NODES = {11: "alpha", 22: "beta", 33: "gamma"}
+NODE_CONFIGS = {11: {"name": "alpha"}, 22: {"name": "beta"}, 33: {"name": "gamma"}}
 QUANTISATION = {"max_weight": 16.0, "clipping_range": 0.5, "quantization_range": 2**22}
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run and node ids from the process's task identity, set by Flower's runtimes."""
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _update(name: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -69,36 +62,6 @@ def _toy_app(poisoned: str | None = None, scale: float = 1.0) -> ClientApp:
         return Message(content, reply_to=msg)
 
     return app
-
-
-class LocalGrid:
-    """A Grid that delivers each message to `app` in the destination node's own Context, and keeps every
-    reply the server received."""
-
-    def __init__(self, app: ClientApp) -> None:
-        self.app = app
-        self.run = SimpleNamespace(run_id=1)
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config={"name": name}, state=RecordDict(), run_config={})
-            for node, name in NODES.items()
-        }
-        self.received: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            content = recorddict_from_proto(recorddict_to_proto(message.content))  # a copy, as if sent:
-            delivered = Message(content, message.metadata.dst_node_id, message.metadata.message_type)  # not shared
-            try:
-                reply = self.app(delivered, self.contexts[message.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - what Flower's runtime turns into an error reply
-                reply = Message(Error(code=2, reason=repr(err)), reply_to=message)
-            replies.append(reply)
-        self.received.extend(replies)
-        return replies
 
 
 def _initial() -> dict[str, np.ndarray]:
@@ -137,7 +100,7 @@ def _raw_bytes(message: Message) -> bytes:
 
 
 def test_secagg_aggregate_is_fedavg_within_the_quantisation_tolerance() -> None:
-    aggregate, strategy = _federate(LocalGrid(_toy_app()))
+    aggregate, strategy = _federate(LocalGrid(NODE_CONFIGS, _toy_app()))
     exact = _fedavg(EXAMPLES, EXAMPLES)
     unweighted = _fedavg(EXAMPLES, dict.fromkeys(EXAMPLES, 1.0))
     tolerance = aggregation_tolerance(list(EXAMPLES.values()), **QUANTISATION) + 1e-7  # + float32 rounding
@@ -155,7 +118,7 @@ def test_secagg_aggregate_is_fedavg_within_the_quantisation_tolerance() -> None:
 
 def test_with_equal_weights_the_aggregate_is_the_plain_mean() -> None:
     """What a DP run asks for: every hospital weighs 1 (and then max_weight is 1)."""
-    aggregate, strategy = _federate(LocalGrid(_toy_app()), equal_weights=True, max_weight=1.0)
+    aggregate, strategy = _federate(LocalGrid(NODE_CONFIGS, _toy_app()), equal_weights=True, max_weight=1.0)
     plain = _fedavg(EXAMPLES, dict.fromkeys(EXAMPLES, 1.0))
     tolerance = aggregation_tolerance([1, 1, 1], **(QUANTISATION | {"max_weight": 1.0})) + 1e-7
     assert aggregate.keys() == plain.keys()
@@ -170,7 +133,7 @@ def test_with_dp_hospitals_clip_before_masking_and_the_server_noises_the_secure_
     monkeypatch.setattr(dp, "add_gaussian_noise_inplace", lambda arrays, std: noise.append(std))  # see the mean
     options = ServerOptions(hospitals=3, fraction_evaluate=0.0, secagg=True, dp=True, dp_clip=0.01,
                             dp_noise_multiplier=2.0)
-    grid = secure_grid(LocalGrid(_toy_app(scale=10.0)), options)
+    grid = secure_grid(LocalGrid(NODE_CONFIGS, _toy_app(scale=10.0)), options)
     strategy = AdapterFedAvg(hospitals=3, fraction_evaluate=0.0, secure=True)
     private = dp.private_strategy(strategy, options)
     result = private.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in _initial().items()}),
@@ -199,13 +162,13 @@ def _leaks(received: bytes) -> list[str]:
 
 
 def test_the_server_receives_no_single_hospitals_adapter_or_update() -> None:
-    grid = LocalGrid(_toy_app())
+    grid = LocalGrid(NODE_CONFIGS, _toy_app())
     _federate(grid)
     received = b"".join(_raw_bytes(m) for m in grid.received)
     assert len(received) > 3 * 8 * sum(v.size for v in _initial().values())  # the masked vectors are in there
     assert _leaks(received) == []
 
-    plain = LocalGrid(_toy_app())  # the same scan finds every adapter when the replies travel in the clear
+    plain = LocalGrid(NODE_CONFIGS, _toy_app())  # the same scan finds every adapter when the replies travel in the clear
     AdapterFedAvg(hospitals=3, fraction_evaluate=0.0).start(
         grid=plain, initial_arrays=ArrayRecord({k: Array(v) for k, v in _initial().items()}), num_rounds=1,
         train_config=ConfigRecord({"total-rounds": 1}),
@@ -215,7 +178,7 @@ def test_the_server_receives_no_single_hospitals_adapter_or_update() -> None:
 
 
 def test_a_hospital_with_a_nan_update_drops_out_and_the_others_are_still_summed() -> None:
-    aggregate, strategy = _federate(LocalGrid(_toy_app(poisoned="gamma")))
+    aggregate, strategy = _federate(LocalGrid(NODE_CONFIGS, _toy_app(poisoned="gamma")))
     entry = strategy.rounds[1]
     assert set(entry.hospitals) == {"alpha", "beta"} and list(entry.dropped) == ["node 33"]
     assert "NaN" in entry.dropped["node 33"]

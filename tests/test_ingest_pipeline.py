@@ -55,10 +55,13 @@ def test_ingest_writes_dialogues_targets_and_manifest(dataset, tmp_path) -> None
         assert sum(len(m["content"].split()) for m in d["messages"]) < MAX_WORDS
         assert d["messages"][2]["content"].startswith("Start medications: ")
     for t in targets:
-        assert set(t) == {"id", "patient", "diagnosis", "drugs", "procedures", "careplans", "careplan_activities"}
+        assert set(t) == {"id", "patient", "diagnosis", "drugs", "procedures", "careplans", "careplan_activities", "ended_days"}
         assert t["drugs"] or t["procedures"] or t["careplans"]
         assert len({d["code"] for d in t["drugs"]}) == len(t["drugs"])  # renewals de-duplicated
         assert all(d["ingredients"] and all(i == i.lower() for i in d["ingredients"]) for d in t["drugs"])
+        assert t["ended_days"] is None or t["ended_days"] >= 0
+    ended = {t["ended_days"] is None for t in targets}
+    assert ended == {True, False}, "real records hold conditions that ended and conditions that last"
     salt = (out / ".salt").read_text()
     assert not any(salt in (out / f).read_text() for f in FILES)
 

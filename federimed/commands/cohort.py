@@ -23,9 +23,15 @@ def cohort(
                                            resolve_path=True)] = Path("runs"),
     min_cell: Annotated[int, typer.Option(min=1, help="Suppress counts under this many patients (CMS "
                                           "publication rule: 11).")] = CMS_MIN_CELL,
+    secagg: Annotated[bool, typer.Option(help="Sum the counts with SecAgg+: the server never sees one "
+                                         "hospital's counts.")] = False,
+    epsilon: Annotated[float, typer.Option(min=0, help="Patient-level differential privacy: Gaussian noise on "
+                                           "the summed counts at this ε (0: none).")] = 0.0,
+    delta: Annotated[float, typer.Option(min=1e-12, max=0.1, help="δ of the differential privacy.")] = 1e-6,
 ) -> None:
-    """Count, at each hospital, patients, decisions and the drugs started per diagnosis (and per age band and
-    sex); sum the counts through Flower (only counts travel), suppress small cells and write
+    """Count, at each hospital, patients, decisions, conditions ended within 90 days and the drugs started per
+    diagnosis (and per age band and sex); sum the counts through Flower (only counts travel; with --secagg
+    only their sum is ever unmasked), optionally add DP noise, suppress small cells and write
     RUNS_DIR/cohort-<stamp>/cohort.json, which the chat and `federimed ask` show beside each answer."""
     from federimed.commands.train import _app_dir
     from federimed.fl.deployment import FlowerProcessError, cohort_on_loopback
@@ -40,7 +46,11 @@ def cohort(
         console.print(f"[yellow]note:[/] counts of {min_cell} to {CMS_MIN_CELL - 1} patients will be shown: below the "
                       f"CMS rule of {CMS_MIN_CELL}, acceptable for synthetic demo data only.")
     options = ServerOptions(hospitals=len(hospitals), min_hospitals=len(hospitals), runs_dir=runs_dir,
-                            min_cell=min_cell, task="cohort")
+                            min_cell=min_cell, task="cohort", secagg=secagg and len(hospitals) > 1,
+                            cohort_epsilon=epsilon, cohort_delta=delta)
+    if secagg and len(hospitals) == 1:
+        console.print("[yellow]note:[/] one hospital: its counts are the sum, SecAgg+ would hide nothing; "
+                      "summed in the clear.")
     try:
         with console.status(f"Counting at {len(hospitals)} hospitals through Flower…"):
             path = cohort_on_loopback(hospitals, options, _app_dir())
@@ -51,10 +61,16 @@ def cohort(
 
 
 def summary_table(artefact: dict) -> Table:
-    """Diagnosis-level cells of an artefact: patients, decisions, hospitals and the top drugs started."""
-    table = Table(title=f"Cohort statistics of {len(artefact['hospitals'])} hospitals (cells under "
-                        f"{artefact['min_cell']} suppressed: {artefact['suppressed_strata']} strata)")
-    for column in ("diagnosis", "patients", "decisions", "hospitals", "drugs started (share of patients)"):
+    """Diagnosis-level cells of an artefact: patients, decisions, hospitals, conditions ended and the top drugs
+    started."""
+    hidden = artefact["suppressed_strata"]
+    title = (f"Cohort statistics of {len(artefact['hospitals'])} hospitals (cells under {artefact['min_cell']} "
+             f"suppressed{'' if hidden is None else f': {hidden} strata'})")
+    if dp := artefact["dp"]:
+        title += f", DP ε {dp['epsilon']:g} at δ {dp['delta']:g} per patient (noise σ {dp['sigma']:.1f})"
+    table = Table(title=title)
+    for column in ("diagnosis", "patients", "decisions", "hospitals", f"ended ≤ {artefact['ended_within_days']} d",
+                   "drugs started (share of patients)"):
         table.add_column(column, justify="left" if column.startswith("d") and column != "decisions" else "right")
     for key, cell in artefact["strata"].items():
         code, band, sex = key.split("|")
@@ -62,8 +78,9 @@ def summary_table(artefact: dict) -> Table:
             continue
         top = sorted(cell["drugs"].items(), key=lambda d: (-d[1], d[0]))[:4]
         drugs = ", ".join(f"{d} {n / cell['patients']:.0%}" for d, n in top)
+        ended = "–" if cell["ended"] is None else f"{cell['ended'] / cell['decisions']:.0%}"
         table.add_row(artefact["diagnoses"].get(code, code), str(cell["patients"]), str(cell["decisions"]),
-                      str(cell["hospitals"]), drugs or "–")
+                      str(cell["hospitals"]), ended, drugs or "–")
     return table
 
 

@@ -10,7 +10,8 @@ Under secure aggregation `secagg_mod` wraps the train handler: it answers the Se
 sends only the masked update (`federimed.fl.secagg`); the outbox then holds the adapter it was made from.
 In a DP run `clip_when_asked` (`federimed.fl.dp`) clips the update to the server's bound before it leaves;
 the outbox holds the adapter before clipping. A query message asks for this hospital's cohort counts
-(`federimed.cohort`): integer counts per diagnosis stratum, never a record.
+(`federimed.fl.cohort_stats`): integer counts per diagnosis stratum, never a record; under SecAgg+ a
+training message asks for them as a vector to be masked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from federimed.config import RunSettings
+from federimed.fl.cohort_stats import answer_query, answer_vector, is_vector_request
 from federimed.fl.dp import clip_when_asked
 from federimed.fl.hospitals import OUTBOX_KEY, node_hospital
 from federimed.fl.secagg import secagg_mod
@@ -40,8 +42,6 @@ if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower star
 
 SETTINGS_KEY = "settings"
 """Key in the message ConfigRecord holding RunSettings as JSON."""
-COUNTS_RECORD, DIAGNOSES_RECORD = "cohort-counts", "cohort-diagnoses"
-"""Records of a cohort-counts reply: the flat counts, and the diagnosis codes' display names."""
 
 app = ClientApp()
 
@@ -92,7 +92,9 @@ def _reply(msg: Message, hospital: Path, metrics: dict[str, float], arrays: Arra
 @app.train(mods=[packed_transport, secagg_mod, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter for this round's steps (`RunSettings.steps_per_round` of this
-    hospital's train.jsonl); reply the adapter."""
+    hospital's train.jsonl); reply the adapter. Under SecAgg+ cohort statistics, reply the counts vector."""
+    if is_vector_request(msg):
+        return answer_vector(msg, context)
     from safetensors.torch import save_file
 
     from federimed.memory import peak_rss_mb
@@ -146,13 +148,4 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def cohort(msg: Message, context: Context) -> Message:
     """This hospital's cohort counts over its training decisions (only counts leave)."""
-    from federimed.cohort import CohortCounts
-
-    hospital = node_hospital(context.node_config)
-    counts = CohortCounts.of_hospital(hospital)
-    content = RecordDict({
-        COUNTS_RECORD: MetricRecord(counts.to_metrics()),
-        DIAGNOSES_RECORD: ConfigRecord(counts.diagnoses),
-        HOSPITAL_RECORD: ConfigRecord({"name": hospital.name}),
-    })  # fmt: skip
-    return Message(content=content, reply_to=msg)
+    return answer_query(msg, context)

@@ -8,26 +8,27 @@ Adapters travel packed into one array each way (`federimed.fl.transport`).
 With `secagg`, the training replies are summed by SecAgg+ (`federimed.fl.secagg`): the server never
 sees a single hospital's update, only the weighted sum. With `dp`, Flower's DP wrapper (`federimed.fl.dp`)
 noises the mean of the clipped updates and each round's metrics.json records ε at δ.
-With run config `task = "cohort"` it trains nothing: it asks every hospital for its cohort counts
-(`federimed.cohort`), sums them, suppresses small cells and writes `runs/cohort-<stamp>/cohort.json`.
+With run config `task = "cohort"` it trains nothing: it gathers the hospitals' cohort counts
+(`federimed.fl.cohort_stats`: summed, through SecAgg+ with `secagg`, DP-noised with `cohort-epsilon`,
+small cells suppressed) into `runs/cohort-<stamp>/cohort.json`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from federimed.checkpoints import RunDir, new_run, plot_losses, resume_state, round_metrics, save_round
 from federimed.config import RunSettings
-from federimed.fl.client_app import COUNTS_RECORD, DIAGNOSES_RECORD, SETTINGS_KEY
+from federimed.fl.client_app import SETTINGS_KEY
+from federimed.fl.cohort_stats import gather
 from federimed.fl.dp import private_strategy
 from federimed.fl.secagg import secure_grid
 from federimed.fl.settings import ServerOptions
-from federimed.fl.strategy import HOSPITAL_RECORD, AdapterFedAvg, RoundLog
+from federimed.fl.strategy import AdapterFedAvg, RoundLog
 from federimed.fl.transport import PackedGrid
 from federimed.model import adapter_state, add_lora, load_base
 
@@ -128,32 +129,6 @@ def _log_round(entry: RoundLog, total: int, path: Path) -> None:
         log.warning("  hospital %s's update rejected in round %d: %s", name, entry.round, reason)
 
 
-def cohort_statistics(grid: Grid, options: ServerOptions) -> Path:
-    """Ask every hospital for its cohort counts, sum them, suppress cells under `min_cell` and write the
-    artefact; returns its path. Logs say how many hospitals answered, never a count."""
-    from federimed.cohort import CohortCounts, release, write_artefact
-
-    deadline = time.monotonic() + options.round_timeout
-    while len(nodes := list(grid.get_node_ids())) < options.hospitals:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {options.hospitals} hospitals joined for cohort statistics")
-        time.sleep(1)
-    queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    total, names = CohortCounts(), []
-    for reply in grid.send_and_receive(queries, timeout=options.round_timeout):
-        if reply.has_error():
-            log.warning("a hospital could not count its cohort: %s", reply.error.reason)
-            continue
-        names.append(str(reply.content[HOSPITAL_RECORD]["name"]))
-        total.add(CohortCounts.from_metrics(reply.content[COUNTS_RECORD], reply.content[DIAGNOSES_RECORD]))
-    if not names:
-        raise RuntimeError("no hospital answered the cohort-statistics query")
-    path = write_artefact(options.runs_dir, release(total, options.min_cell, names))
-    log.info("cohort statistics of %d hospitals (%s), cells under %d suppressed → %s",
-             len(names), ", ".join(sorted(names)), options.min_cell, path)
-    return path
-
-
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
@@ -167,6 +142,6 @@ def main(grid: Grid, context: Context) -> None:
     gather cohort statistics when the run config's task is "cohort"."""
     options = ServerOptions.from_run_config(context.run_config)
     if options.task == "cohort":
-        cohort_statistics(grid, options)
+        gather(grid, options)
     else:
         federate(PackedGrid(grid), options)

@@ -63,6 +63,10 @@ class ServerOptions(BaseModel):
     min_cell: int = Field(
         11, ge=1, description="cohort statistics: cells under this many patients are suppressed (CMS: 11) [min-cell]"
     )
+    cohort_epsilon: float = Field(
+        0.0, ge=0, description="cohort statistics: patient-level DP ε of the released counts, 0 for none [cohort-epsilon]"
+    )
+    cohort_delta: float = Field(1e-6, gt=0, lt=1, description="cohort statistics: DP δ [cohort-delta]")
     hospitals: int = Field(3, ge=1, description="hospitals that must join before round 1 [hospitals]")
     min_hospitals: int = Field(1, ge=1, description="fewest replies a round needs after round 1 [min-hospitals]")
     runs_dir: Path = Field(Path("runs"), validate_default=True, description="where runs are written [runs-dir]")
