@@ -14,7 +14,7 @@ import chainlit as cl
 from chainlit.data import get_data_layer
 from chainlit.input_widget import Select, Slider, Switch
 
-from federimed import chat_ui
+from federimed import chat_ui, safety
 from federimed.assistant import DEFAULT_MAX_NEW_TOKENS, Assistant, CaseError, Prepared
 from federimed.history import data_layer
 from federimed.users import UserStore
@@ -125,6 +125,8 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return
     sources = chat_ui.source_elements(snippets)
+    if warning := safety.warning_text(safety.check(case_text, answer.content)):
+        answer.content = f"{warning}\n\n{answer.content}"
     answer.content = chat_ui.with_footer(answer.content, sources, assistant.version)
     await answer.send()  # ends the stream and stores the message
     for source in sources:  # one by one, so that they stack in order in the side panel

@@ -74,9 +74,11 @@ def _cohort_artefact(runs: Path) -> None:
     from federimed.cohort import Cell, CohortCounts, release, stratum_key, write_artefact
 
     counts = CohortCounts(diagnoses={"59621000": "Essential hypertension", "254637007": "Non-small cell lung cancer"})
-    counts.cells[stratum_key("59621000")] = Cell(40, 52, Counter(lisinopril=30, amlodipine=12, losartan=3), 3)
-    counts.cells[stratum_key("59621000", "50-59", "male")] = Cell(14, 16, Counter(lisinopril=11, amlodipine=4), 2)
-    counts.cells[stratum_key("254637007")] = Cell(2, 2, Counter(cisplatin=2), 1)
+    counts.cells[stratum_key("59621000")] = Cell(
+        patients=40, decisions=52, hospitals=3, ended=0, drugs=Counter(lisinopril=30, amlodipine=12, losartan=3))
+    counts.cells[stratum_key("59621000", "50-59", "male")] = Cell(
+        patients=14, decisions=16, hospitals=2, ended=0, drugs=Counter(lisinopril=11, amlodipine=4))
+    counts.cells[stratum_key("254637007")] = Cell(patients=2, decisions=2, hospitals=1, ended=2, drugs=Counter(cisplatin=2))
     write_artefact(runs, release(counts, min_cell=11, hospitals=["childrens", "general", "geriatric-cardiac"]))
 
 
@@ -203,6 +205,7 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
     panel = page.locator("text=14 patients").first.locator("xpath=ancestor::*[contains(., 'Started on:')][1]").inner_text()
     assert "lisinopril 79% of them" in panel and "Essential hypertension, 50-59, male" in panel, panel
     assert "amlodipine" not in panel, panel  # started in 4 of the 14 patients: under 11, never shown
+    assert "ended within 90 days of its onset in 0% of the decisions" in panel, panel
     assert "cisplatin" not in page.content()  # a suppressed diagnosis never reaches the chat
     page.screenshot(path=str(ARTIFACTS / "chat-cohort.png"), full_page=True)
     links = answer.locator(".element-link")

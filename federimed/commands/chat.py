@@ -46,7 +46,9 @@ def ask(
     runs_dir: RunsDir = Path("runs"),
     index_dir: IndexDir = None,
 ) -> None:
-    """Ask the model about one case: prints the answer as it is written, then its guideline sources."""
+    """Ask the model about one case: prints the answer as it is written, then any safety warning (allergy,
+    duplicate medication), its guideline sources and the federation's counts for patients like this."""
+    from federimed import safety
     from federimed.assistant import Assistant, CaseError
     from federimed.checkpoints import CheckpointError
     from federimed.model import ModelLoadError
@@ -64,8 +66,10 @@ def ask(
         with console.status("Loading the model…"):
             assistant.model()
         console.rule(f"[bold]Answer[/] · {assistant.version.describe()}")
+        pieces = []
         for piece in assistant.generate(prepared, temperature=temperature, max_new_tokens=max_tokens):
             console.print(piece, end="", markup=False, highlight=False)
+            pieces.append(piece)
         console.print()
     except (CaseError, CheckpointError, ModelLoadError, IndexIntegrityError) as exc:
         err.print(f"[red]error:[/] {exc}")
@@ -77,6 +81,8 @@ def ask(
         for n, s in enumerate(prepared.snippets, 1):
             table.add_row(str(n), f"{s.title} — {s.section}", s.url or s.source, f"{s.score:.2f}")
         console.print(table)
+    if warning := safety.warning_text(safety.check(prepared.case_text, "".join(pieces))):
+        console.print(Panel(Markdown(warning), title="Safety check", border_style="red"))
     if cohort := assistant.cohort(prepared.case_text):
         console.print(Panel(Markdown(cohort), title="Patients like this in the federation", border_style="cyan"))
     console.print("[dim]Decision support only: not a substitute for clinical judgement (synthetic training data).[/]")
