@@ -89,7 +89,8 @@ async def on_message(message: cl.Message) -> None:
         assistant = await cl.make_async(chat_ui.assistant_for)(settings["model"], SETTINGS)
         async with cl.Step(name=chat_ui.CASE_STEP, type="tool") as case_step:
             case_text = await cl.make_async(assistant.case_text)(bundles[0] if bundles else message.content)
-            case_step.output = chat_ui.case_summary(case_text, from_bundle=bool(bundles))
+            understood = await cl.make_async(assistant.understand)(case_text)
+            case_step.output = chat_ui.case_summary(understood, from_bundle=bool(bundles))
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be used:** {exc}").send()
         return
@@ -97,9 +98,9 @@ async def on_message(message: cl.Message) -> None:
         message.content = case_text  # show the doctor what is kept (the data layer stores only this)
         await message.update()
     try:
-        await _answer(assistant, case_text, settings)
+        await _answer(assistant, understood.text, settings)
     finally:
-        await _title_thread(case_text)
+        await _title_thread(understood.text)
 
 
 async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]) -> None:

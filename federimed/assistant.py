@@ -28,6 +28,7 @@ from ingest.dialogues import QUESTION, SYSTEM_PROMPT
 
 if TYPE_CHECKING:
     from federimed.checkpoints import Version
+    from federimed.free_text import Understood
     from federimed.retrieval import GuidelineIndex
     from federimed.serving.backend import Engine
 
@@ -274,9 +275,23 @@ class Assistant:
         """The `k` guideline snippets that fit a de-identified case best."""
         return self.index().search(retrieval_query(case_text), k=k)
 
+    def understand(self, case_text: str) -> Understood:
+        """A de-identified case in the format the model was trained on: free text parsed into ingest's
+        snapshot lines (`federimed.free_text`), a rendered case or bundle summary kept; the diagnosis is
+        checked against those the newest cohort artefact releases."""
+        from federimed.cohort import FORMAT, latest_artefact
+        from federimed.free_text import understand
+
+        artefact = latest_artefact(self.runs_dir)
+        seen = artefact["diagnoses"].values() if artefact and artefact.get("format") == FORMAT else None
+        return understand(case_text, seen)
+
     def prepare(self, case: Case, *, retrieval: bool | None = None, k: int = DEFAULT_K) -> Prepared:
-        """De-identify the case, retrieve snippets (unless retrieval is off) and build the prompt."""
-        case_text = self.case_text(case)
+        """De-identify and understand the case, retrieve snippets (unless retrieval is off), build the prompt."""
+        return self.prepare_text(self.understand(self.case_text(case)).text, retrieval=retrieval, k=k)
+
+    def prepare_text(self, case_text: str, *, retrieval: bool | None = None, k: int = DEFAULT_K) -> Prepared:
+        """A de-identified, understood case with its snippets (unless retrieval is off) and prompt."""
         use_retrieval = self.retrieval if retrieval is None else retrieval
         snippets = self.retrieve(case_text, k) if use_retrieval else []
         return Prepared.of(case_text, snippets)

@@ -12,6 +12,7 @@ from federimed.assistant import BASE, Assistant, ModelVersion, available_version
 from federimed.checkpoints import CARE_MODES, LATEST
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
+from federimed.free_text import Understood, summary
 
 CASE_STEP = "De-identification"
 RETRIEVAL_STEP = "Guideline retrieval"
@@ -143,13 +144,14 @@ def unsupported_upload(names: list[str]) -> str:
     )
 
 
-def case_summary(case_text: str, *, from_bundle: bool) -> str:
-    """The step text showing the doctor what the model will read."""
+def case_summary(understood: Understood, *, from_bundle: bool) -> str:
+    """The step text showing the doctor what the model will read and, for free text, what was understood."""
     origin = "the uploaded FHIR bundle" if from_bundle else "your message"
-    return (
+    text = (
         f"What the model reads from {origin}, with names, exact dates, addresses, contact details and record "
-        f"numbers removed:\n\n```text\n{case_text}\n```"
+        f"numbers removed:\n\n```text\n{understood.text}\n```"
     )
+    return f"{summary(understood)}\n\n{text}" if understood.parsed else text
 
 
 def retrieval_summary(snippets: list[Snippet]) -> str:

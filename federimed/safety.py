@@ -55,6 +55,27 @@ CLASS_WORDS: dict[str, str] = {
 """Words in an allergy's name that stand for a whole class ("Allergy to penicillin", "sulfa drugs")."""
 
 CLASS_OF: dict[str, str] = {drug: name for name, drugs in DRUG_CLASSES.items() for drug in drugs}
+OTHER_INGREDIENTS = (
+    "acetaminophen", "albuterol", "allopurinol", "alendronate", "amitriptyline", "amlodipine", "apixaban",
+    "budesonide", "bupropion", "buspirone", "carbamazepine", "cetirizine", "chlorthalidone", "clavulanate",
+    "clindamycin", "clonazepam", "clopidogrel", "cyclobenzaprine", "dapagliflozin", "dextromethorphan",
+    "digoxin", "diltiazem", "donepezil", "duloxetine", "empagliflozin", "escitalopram", "esomeprazole",
+    "estradiol", "ezetimibe", "famotidine", "finasteride", "fluticasone", "folic acid", "fosfomycin",
+    "furosemide", "gabapentin", "glipizide", "hydrochlorothiazide", "hydrocortisone", "hydroxyzine", "insulin",
+    "lamotrigine", "latanoprost", "levetiracetam", "levothyroxine", "liraglutide", "loratadine", "lorazepam",
+    "memantine", "metformin", "methotrexate", "methylphenidate", "methylprednisolone", "metronidazole",
+    "montelukast", "nifedipine", "nitrofurantoin", "nitroglycerin", "omeprazole", "ondansetron", "pantoprazole",
+    "paroxetine", "pioglitazone", "prednisolone", "prednisone", "pregabalin", "quetiapine", "rivaroxaban",
+    "salmeterol", "semaglutide", "sertraline", "sitagliptin", "spironolactone", "sumatriptan", "tamsulosin",
+    "tiotropium", "timolol", "topiramate", "trazodone", "triamcinolone", "trimethoprim", "valacyclovir",
+    "venlafaxine", "verapamil", "warfarin", "zolpidem",
+)  # fmt: skip
+"""Common ingredients outside the class table, so that a case's medications are recognised."""
+DRUG_ABBREVIATIONS: dict[str, tuple[str, ...]] = {
+    "hctz": ("hydrochlorothiazide",), "asa": ("aspirin",), "apap": ("acetaminophen",), "tmp-smx": (
+        "sulfamethoxazole", "trimethoprim"), "bactrim": ("sulfamethoxazole", "trimethoprim"),
+    "keflex": ("cephalexin",), "zithromax": ("azithromycin",), "tylenol": ("acetaminophen",),
+}  # fmt: skip
 _LINE = re.compile(r"(?im)^(Allergies|Current medications):[ \t]*(.*)$")
 _CLAUSE = re.compile(r"[^.,;\n]+")
 _NEGATED = re.compile(r"\b(avoid|avoiding|not|no|never|instead of|contraindicated|stop|discontinue)\b")
@@ -75,10 +96,12 @@ class Flag:
 
 @lru_cache(maxsize=1)
 def vocabulary() -> DrugVocabulary:
-    """Common brands plus every ingredient of the class table."""
+    """Common brands and abbreviations, every ingredient of the class table and other common ones."""
     vocab = DrugVocabulary.with_common_brands()
-    for drug in CLASS_OF:
+    for drug in (*CLASS_OF, *OTHER_INGREDIENTS):
         vocab.add(drug, (drug,))
+    for short, ingredients in DRUG_ABBREVIATIONS.items():
+        vocab.add(short, ingredients)
     return vocab
 
 

@@ -59,9 +59,9 @@ def test_proposed_drugs_keep_the_answers_order() -> None:
     assert proposed_drugs("Start medications: naproxen, amoxicillin.\nProcedures: none.") == ["naproxen", "amoxicillin"]
 
 
-def test_ask_prints_the_warning_after_the_answer(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`federimed ask` checks the answer it printed (the model is replaced by a fixed answer here: the check's
-    wiring is under test, not the model)."""
+def test_ask_prints_what_it_understood_and_the_warning_after_the_answer(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`federimed ask` parses free text and checks the answer it printed (the model is replaced by a fixed
+    answer here: the wiring is under test, not the model)."""
     from typer.testing import CliRunner
 
     from federimed.assistant import Assistant
@@ -69,10 +69,13 @@ def test_ask_prints_the_warning_after_the_answer(tmp_path, monkeypatch: pytest.M
 
     monkeypatch.setattr(Assistant, "model", lambda self: None)
     monkeypatch.setattr(Assistant, "generate", lambda self, prepared, **_: iter(["Start medications: ", "amoxicillin."]))
-    args = ["ask", case("Penicillin V"), "--model", "base", "--no-retrieval", "--runs-dir", str(tmp_path)]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    options = ["--model", "base", "--no-retrieval", "--runs-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, ["ask", "34 yo woman, strep throat, allergic to penicillin V", *options],
+                                env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    answer, warning = result.output.index("amoxicillin."), result.output.index("Safety check")
-    assert answer < warning and "amoxicillin — the patient is allergic to Penicillin V (penicillins)" in result.output
-    clean = CliRunner().invoke(app, [*args[:1], case(), *args[2:]], env={"COLUMNS": "200"})
-    assert clean.exit_code == 0 and "Safety check" not in clean.output
+    understood, answer, warning = (result.output.index(s) for s in ("What I understood", "amoxicillin.", "Safety check"))
+    assert understood < answer < warning
+    assert "New diagnosis: Streptococcal sore throat" in result.output
+    assert "amoxicillin — the patient is allergic to Penicillin V (penicillins)" in result.output
+    clean = CliRunner().invoke(app, ["ask", case(), *options], env={"COLUMNS": "200"})
+    assert clean.exit_code == 0 and "Safety check" not in clean.output and "What I understood" not in clean.output

@@ -48,7 +48,7 @@ def ask(
 ) -> None:
     """Ask the model about one case: prints the answer as it is written, then any safety warning (allergy,
     duplicate medication), its guideline sources and the federation's counts for patients like this."""
-    from federimed import safety
+    from federimed import free_text, safety
     from federimed.assistant import Assistant, CaseError
     from federimed.checkpoints import CheckpointError
     from federimed.model import ModelLoadError
@@ -61,7 +61,10 @@ def ask(
         if assistant.notice:
             err.print(f"[yellow]{assistant.notice}[/]")
         with console.status("De-identifying the case and searching the guidelines…"):
-            prepared = assistant.prepare(bundle if bundle is not None else case)
+            understood = assistant.understand(assistant.case_text(bundle if bundle is not None else case))
+            prepared = assistant.prepare_text(understood.text)
+        if understood.parsed:
+            console.print(Panel(Markdown(free_text.summary(understood)), title="What I understood", border_style="blue"))
         console.print(Panel(prepared.case_text, title="Case as the model reads it (de-identified)", border_style="dim"))
         with console.status("Loading the model…"):
             assistant.model()
