@@ -28,7 +28,7 @@ def test_the_case_lists_are_read_from_the_rendered_lines() -> None:
     ("Allergy to penicillin", "Start medications: cephalexin.", [("cephalexin", "cross-reactivity")]),
     ("Aspirin", "Start medications: ibuprofen.", [("ibuprofen", "allergy")]),
     ("Sulfamethoxazole / Trimethoprim", "Start medications: sulfamethoxazole, trimethoprim.",
-     [("sulfamethoxazole", "allergy")]),
+     [("sulfamethoxazole", "allergy"), ("trimethoprim", "allergy")]),
     ("sulfa drugs", "Start medications: sulfamethoxazole.", [("sulfamethoxazole", "allergy")]),
     ("Lisinopril", "Start enalapril 5 mg daily.", [("enalapril", "allergy")]),
     ("Penicillin V", "Start Augmentin 875 mg twice daily.", [("amoxicillin", "allergy")]),
