@@ -126,9 +126,10 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return
     sources = chat_ui.source_elements(snippets)
-    if warning := safety.warning_text(safety.check(case_text, answer.content)):
-        answer.content = f"{warning}\n\n{answer.content}"
+    warning = safety.warning_text(safety.check(case_text, answer.content))
     answer.content = chat_ui.with_footer(answer.content, sources, assistant.version)
     await answer.send()  # ends the stream and stores the message
     for source in sources:  # one by one, so that they stack in order in the side panel
         await cl.Text(name=source.name, content=source.content, display="side").send(for_id=answer.id)
+    if warning:  # right under the answer, in the history too
+        await cl.Message(content=warning, author=chat_ui.SAFETY_AUTHOR).send()

@@ -15,6 +15,7 @@ from federimed.retrieval import Snippet
 from federimed.free_text import Understood, summary
 
 CASE_STEP = "De-identification"
+SAFETY_AUTHOR = "Safety check"
 RETRIEVAL_STEP = "Guideline retrieval"
 COHORT_STEP = "Patients like this in the federation"
 BUNDLE_MIMES = {"application/json", "application/fhir+json"}

@@ -240,3 +240,37 @@ def test_doctor_chats_with_sources_history_and_privacy(server: Server, browser: 
         stored = " ".join(str(v) for row in db.execute('SELECT name FROM threads UNION ALL SELECT output FROM steps') for v in row)
     assert "Quimby" not in stored, "the pasted name reached the chat history"
     assert THREAD_TITLE in stored
+
+
+FREE_TEXT_CASE = ("62 yo woman, new strep throat. Allergic to penicillin, cephalosporins, macrolides, "
+                  "tetracyclines and NSAIDs. On acetaminophen and sertraline.")
+
+
+def test_a_free_text_case_is_understood_and_its_answer_checked(server: Server, browser: object) -> None:
+    from federimed.free_text import understand
+    from federimed.safety import check
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = _login(browser, server, "dr.grey")
+    _shortest_answers(page)
+    page.fill("#chat-input", FREE_TEXT_CASE)
+    page.click("#chat-submit")
+    page.wait_for_function(
+        "sel => [...document.querySelectorAll(sel)].some(e => e.innerText.includes('Decision support only'))",
+        arg=ANSWER,
+        timeout=ANSWER_S * 1000,
+    )
+    page.locator("[id='step-De-identification']").first.click()
+    page.wait_for_selector("text=What I understood", timeout=30_000)
+    step = page.locator("[id='step-De-identification']").first.inner_text()
+    assert "Streptococcal sore throat (from" in step and "acetaminophen, sertraline" in step, step
+    page.screenshot(path=str(ARTIFACTS / "chat-understood.png"), full_page=True)
+
+    shown = page.locator(ANSWER, has_text="Decision support only").last.inner_text()
+    flags = check(understand(FREE_TEXT_CASE).text, shown.split("Decision support only")[0])
+    warning = page.locator(ANSWER, has_text="Check before prescribing")
+    assert warning.count() == (1 if flags else 0), (shown, flags)  # a warning exactly when the check finds one
+    if flags:
+        text = warning.first.inner_text()
+        assert all(f.drug in text and f.reason in text for f in flags), (text, flags)
+        page.screenshot(path=str(ARTIFACTS / "chat-safety-warning.png"), full_page=True)
