@@ -17,6 +17,7 @@ from chainlit.input_widget import Select, Slider, Switch
 from federimed import chat_ui, safety
 from federimed.assistant import DEFAULT_MAX_NEW_TOKENS, Assistant, CaseError, Prepared
 from federimed.history import data_layer
+from federimed.serving.guarded import EngineCrashed
 from federimed.users import UserStore
 
 SETTINGS = chat_ui.AppSettings.from_env()
@@ -124,6 +125,9 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
             await answer.stream_token(piece)
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
+        return
+    except EngineCrashed as exc:
+        await cl.ErrorMessage(content=f"**The model stopped unexpectedly:** {exc}. Please ask again.").send()
         return
     sources = chat_ui.source_elements(snippets)
     warning = safety.warning_text(safety.check(case_text, answer.content))

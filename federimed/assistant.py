@@ -171,10 +171,17 @@ def resolve_version(spec: str | Path | None, runs_dir: Path) -> tuple[ModelVersi
 
 @lru_cache(maxsize=4)
 def _load(settings_json: str, adapter_dir: str | None, engine: str) -> Engine:
+    """The engine of one version, once per process; llama.cpp (native code) runs in its own process
+    (`federimed.serving.guarded`), so that a crash there ends one answer, not the chat server."""
+    from functools import partial
+
+    from federimed.serving.guarded import GuardedEngine
     from federimed.serving.select import load_engine
 
     started = time.perf_counter()
-    loaded = load_engine(ModelSettings.model_validate_json(settings_json), Path(adapter_dir) if adapter_dir else None, engine)
+    load = partial(load_engine, ModelSettings.model_validate_json(settings_json),
+                   Path(adapter_dir) if adapter_dir else None, engine)
+    loaded = GuardedEngine(load) if engine == "llama.cpp" else load()
     log.info("model loaded (%s engine) in %.1f s", loaded.name, time.perf_counter() - started)
     return loaded
 

@@ -19,3 +19,27 @@ def build_tiny_index(folder: Path) -> Path:
     for name in TINY_CORPUS:
         shutil.copy(shipped_corpus_dir() / name, docs / name)
     return build_index(docs, folder / "index").index_dir
+
+
+CRASH = 666
+"""A prompt id at which `CrashingEngine` kills its own process with SIGSEGV, as a native crash would."""
+
+
+class CrashingEngine:
+    """An engine that answers "a", "b", "c" and segfaults on a prompt holding `CRASH`: the guard is under
+    test, not a model."""
+
+    name = "crashing"
+    tokenizer = None
+    context_length = 64
+
+    def stream(self, prompt_ids, *, max_new_tokens, temperature):
+        import os
+        import signal
+
+        if CRASH in prompt_ids:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        yield from ["a", "b", "c"][:max_new_tokens]
+
+    def greedy(self, prompts, *, max_new_tokens, batch_size=8, on_batch=None):
+        return [[1] * max_new_tokens for _ in prompts]

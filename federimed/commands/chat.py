@@ -53,6 +53,7 @@ def ask(
     from federimed.checkpoints import CheckpointError
     from federimed.model import ModelLoadError
     from federimed.retrieval import IndexIntegrityError
+    from federimed.serving.guarded import EngineCrashed
 
     if (case is None) == (bundle is None):
         raise typer.BadParameter("give either the case text or --bundle FILE (not both)")
@@ -74,7 +75,7 @@ def ask(
             console.print(piece, end="", markup=False, highlight=False)
             pieces.append(piece)
         console.print()
-    except (CaseError, CheckpointError, ModelLoadError, IndexIntegrityError) as exc:
+    except (CaseError, CheckpointError, ModelLoadError, IndexIntegrityError, EngineCrashed) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     if prepared.snippets:

@@ -1,0 +1,57 @@
+"""The chat's engine runs in its own process: a native crash ends one answer with a clear error, the next
+answer starts a fresh engine, and the guarded llama.cpp engine answers exactly as the direct one."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+from chat_support import CRASH, CrashingEngine
+
+from federimed.serving.guarded import EngineCrashed, GuardedEngine
+from federimed.serving.select import llama_cpp_problem
+
+
+def test_a_crash_in_the_engine_ends_one_answer_and_the_next_one_works() -> None:
+    engine = GuardedEngine(CrashingEngine)
+    try:
+        assert list(engine.stream([1, 2], max_new_tokens=3, temperature=0.0)) == ["a", "b", "c"]
+        first = engine._process.pid
+        with pytest.raises(EngineCrashed, match=r"died \(signal SIGSEGV\) while answering"):
+            list(engine.stream([1, CRASH], max_new_tokens=3, temperature=0.0))
+        assert list(engine.stream([1, 2], max_new_tokens=2, temperature=0.0)) == ["a", "b"]
+        assert engine._process.pid != first  # a fresh engine process
+        assert engine.greedy([[1], [2]], max_new_tokens=2) == [[1, 1], [1, 1]]
+    finally:
+        engine.close()
+
+
+def test_a_consumer_that_stops_early_leaves_the_engine_ready() -> None:
+    engine = GuardedEngine(CrashingEngine)
+    try:
+        stream = engine.stream([1], max_new_tokens=3, temperature=0.0)
+        assert next(stream) == "a"
+        stream.close()
+        assert list(engine.stream([1], max_new_tokens=3, temperature=0.0)) == ["a", "b", "c"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(llama_cpp_problem() is not None, reason="llama.cpp is not installed")
+def test_the_guarded_llama_cpp_engine_answers_as_the_direct_one() -> None:
+    from federimed.config import ModelSettings
+    from federimed.serving.backend import prompt_ids
+    from federimed.serving.select import load_engine
+
+    direct = load_engine(ModelSettings(), None, "llama.cpp")
+    guarded = GuardedEngine(partial(load_engine, ModelSettings(), None, "llama.cpp"))
+    try:
+        ids = prompt_ids(direct.tokenizer, [{"role": "user", "content": "Patient: 58-year-old male\n"
+                                             "New diagnosis: Essential hypertension\nQuestion: What treatment?"}])
+        assert prompt_ids(guarded.tokenizer, [{"role": "user", "content": "x"}]) == prompt_ids(
+            direct.tokenizer, [{"role": "user", "content": "x"}])
+        assert guarded.context_length == direct.context_length and guarded.name == "llama.cpp (own process)"
+        assert "".join(guarded.stream(ids, max_new_tokens=24, temperature=0.0)) == "".join(
+            direct.stream(ids, max_new_tokens=24, temperature=0.0))
+    finally:
+        guarded.close()
