@@ -87,3 +87,20 @@ def test_server_refuses_inconsistent_options_before_starting_anything(tmp_path: 
     result = _invoke("server", "--resume", "20260101-000000-federated", "--runs-dir", str(tmp_path))
     assert result.exit_code == 2 and "cannot resume run '20260101-000000-federated'" in result.output
     assert not (tmp_path / ".flower").exists()
+
+
+def test_server_cohort_submits_a_cohort_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`federimed server --cohort` asks the same deployment for cohort counts: the run config it submits."""
+    import tomllib
+
+    from federimed.fl import deployment
+
+    def stop(**_):
+        raise SystemExit(7)  # after the run config is written, before any process starts
+
+    monkeypatch.setattr(deployment, "start_superlink", stop)
+    result = _invoke("server", "--cohort", "--min-cell", "5", "--cohort-epsilon", "4", "--secagg",
+                     "--runs-dir", str(tmp_path))
+    assert result.exit_code == 7
+    config = tomllib.loads((tmp_path / ".flower" / "run-config.toml").read_text())
+    assert (config["task"], config["min-cell"], config["cohort-epsilon"], config["secagg"]) == ("cohort", 5, 4.0, True)

@@ -322,12 +322,17 @@ def server(
     secagg_max_weight: SecAggMaxWeight = 1000.0,
     secagg_clipping_range: SecAggClip = 1.0,
     secagg_quantization_range: SecAggLevels = 2**22,
+    cohort: Annotated[bool, typer.Option("--cohort", help="Gather cohort statistics (counts only) instead of "
+                                         "training: writes RUNS_DIR/cohort-<stamp>/cohort.json.")] = False,
+    min_cell: Annotated[int, typer.Option(min=1, help="--cohort: suppress counts under this many patients.")] = 11,
+    cohort_epsilon: Annotated[float, typer.Option(min=0, help="--cohort: patient-level DP ε (0: none).")] = 0.0,
 ) -> None:
     """Start a Flower SuperLink and run the federation on it; hospitals join with `federimed hospital join`.
 
     The server never sees hospital data: it sends the global adapter and training settings, and averages
-    the adapters that come back. Stops the SuperLink (and its children) when the run ends. With --tls and
-    --auth, hospitals connect over TLS and only registered hospital keys are admitted.
+    the adapters that come back (with --cohort it asks for cohort counts instead, summed under SecAgg+
+    with --secagg). Stops the SuperLink (and its children) when the run ends. With --tls and --auth,
+    hospitals connect over TLS and only registered hospital keys are admitted.
     """
     from federimed.fl import deployment
     from federimed.security.certs import KeyFileError, server_tls
@@ -355,6 +360,7 @@ def server(
         secagg_reconstruction_threshold=secagg_reconstruction_threshold,
         secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
         secagg_quantization_range=secagg_quantization_range,
+        task="cohort" if cohort else "train", min_cell=min_cell, cohort_epsilon=cohort_epsilon,
     )
     flwr_home = runs_dir.resolve() / ".flower"
     run_config = deployment.write_run_config(flwr_home / "run-config.toml", options.to_run_config())
