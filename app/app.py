@@ -18,9 +18,11 @@ from federimed import chat_ui, safety
 from federimed.assistant import DEFAULT_MAX_NEW_TOKENS, Assistant, CaseError, Prepared
 from federimed.history import data_layer
 from federimed.serving.guarded import EngineCrashed
+from federimed.serving.turns import TurnQueue
 from federimed.users import UserStore
 
 SETTINGS = chat_ui.AppSettings.from_env()
+TURNS = TurnQueue()  # one engine per server: doctors take turns, first come first served
 
 
 @cl.data_layer
@@ -115,14 +117,23 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
             cohort_step.output = cohort
     if assistant.notice:
         await cl.Message(content=f"_{assistant.notice}_").send()
-    answer = cl.Message(content="")
+    answer, waiting = cl.Message(content=""), cl.Message(content="", author=chat_ui.QUEUE_AUTHOR)
+
+    async def show_place(ahead: int) -> None:
+        shown = bool(waiting.content)
+        waiting.content = chat_ui.queue_text(ahead)
+        await (waiting.update() if shown else waiting.send())
+
     try:
-        async for piece in assistant.astream(
-            Prepared.of(case_text, snippets),
-            temperature=float(settings["temperature"]),
-            max_new_tokens=int(settings["max_tokens"]),
-        ):
-            await answer.stream_token(piece)
+        async with TURNS.turn(show_place):
+            if waiting.content:  # this doctor's turn: the queue message goes
+                await waiting.remove()
+            async for piece in assistant.astream(
+                Prepared.of(case_text, snippets),
+                temperature=float(settings["temperature"]),
+                max_new_tokens=int(settings["max_tokens"]),
+            ):
+                await answer.stream_token(piece)
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return

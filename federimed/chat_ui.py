@@ -16,6 +16,7 @@ from federimed.free_text import Understood, summary
 
 CASE_STEP = "De-identification"
 SAFETY_AUTHOR = "Safety check"
+QUEUE_AUTHOR = "Queue"
 RETRIEVAL_STEP = "Guideline retrieval"
 COHORT_STEP = "Patients like this in the federation"
 BUNDLE_MIMES = {"application/json", "application/fhir+json"}
@@ -153,6 +154,11 @@ def case_summary(understood: Understood, *, from_bundle: bool) -> str:
         f"numbers removed:\n\n```text\n{understood.text}\n```"
     )
     return f"{summary(understood)}\n\n{text}" if understood.parsed else text
+
+
+def queue_text(ahead: int) -> str:
+    """What a waiting doctor sees while others are being answered."""
+    return f"⏳ Waiting for the model: {ahead} doctor{'' if ahead == 1 else 's'} ahead of you."
 
 
 def retrieval_summary(snippets: list[Snippet]) -> str:

@@ -274,3 +274,20 @@ def test_a_free_text_case_is_understood_and_its_answer_checked(server: Server, b
         text = warning.first.inner_text()
         assert all(f.drug in text and f.reason in text for f in flags), (text, flags)
         page.screenshot(path=str(ARTIFACTS / "chat-safety-warning.png"), full_page=True)
+
+
+def test_a_second_doctor_waits_in_line_and_is_told_their_place(server: Server, browser: object) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    grey, house = _login(browser, server, "dr.grey"), _login(browser, server, "dr.house")
+    for page in (grey, house):
+        page.fill("#chat-input", CASE)
+    grey.click("#chat-submit")
+    house.click("#chat-submit")
+    house.wait_for_selector("text=Waiting for the model: 1 doctor ahead of you", timeout=60_000)
+    house.screenshot(path=str(ARTIFACTS / "chat-queue.png"), full_page=True)
+    for page in (grey, house):  # both are answered, and the queue message goes once it is one's turn
+        page.wait_for_function(
+            "sel => [...document.querySelectorAll(sel)].some(e => e.innerText.includes('Decision support only'))",
+            arg=ANSWER, timeout=ANSWER_S * 1000,
+        )  # fmt: skip
+    assert house.get_by_text("ahead of you").count() == 0
