@@ -39,7 +39,8 @@ SECURE_COUNT_RANGE = 2**20
 count is an exact level, and sums of up to 2^32 / 2^21 = 2048 hospitals fit Flower's modulus."""
 
 
-def _counts(msg: Message, context: Context, query: ConfigRecord) -> tuple[Path, dict[str, int], dict[str, str]]:
+def _counts(context: Context, query: ConfigRecord) -> tuple[Path, dict[str, int], dict[str, str]]:
+    """This node's hospital and its counts (bounded per patient when the query carries bounds)."""
     from federimed.cohort import CohortCounts
     from federimed.cohort_privacy import ContributionBounds
 
@@ -52,7 +53,7 @@ def _counts(msg: Message, context: Context, query: ConfigRecord) -> tuple[Path, 
 def answer_query(msg: Message, context: Context) -> Message:
     """A hospital's answer to a cohort query: its counts, or (names-only) just which counts it holds."""
     query = msg.content.config_records.get(QUERY_RECORD, ConfigRecord())
-    hospital, flat, diagnoses = _counts(msg, context, query)
+    hospital, flat, diagnoses = _counts(context, query)
     content = RecordDict({DIAGNOSES_RECORD: ConfigRecord(diagnoses), HOSPITAL_RECORD: ConfigRecord({"name": hospital.name})})
     if query.get("names-only"):
         content[NAMES_RECORD] = ConfigRecord({"names": json.dumps(sorted(flat))})
@@ -69,7 +70,7 @@ def is_vector_request(msg: Message) -> bool:
 def answer_vector(msg: Message, context: Context) -> Message:
     """A hospital's counts as a vector in the server's order (what `secagg_mod` masks and sends)."""
     config = msg.content["config"]
-    hospital, flat, _ = _counts(msg, context, config)
+    hospital, flat, _ = _counts(context, config)
     names = json.loads(str(config[VECTOR_KEYS]))
     if missing := len(set(flat) - set(names)):
         raise ValueError(f"the server's list of counts lacks {missing} of this hospital's: not sent")
