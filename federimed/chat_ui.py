@@ -158,7 +158,7 @@ def case_summary(understood: Understood, *, from_bundle: bool) -> str:
 
 def queue_text(ahead: int) -> str:
     """What a waiting doctor sees while others are being answered."""
-    return f"⏳ Waiting for the model: {ahead} doctor{'' if ahead == 1 else 's'} ahead of you."
+    return f"Waiting for the model: {ahead} doctor{'' if ahead == 1 else 's'} ahead of you."
 
 
 def retrieval_summary(snippets: list[Snippet]) -> str:

@@ -253,7 +253,7 @@ def summary(understood: Understood) -> str:
         ("Findings", "; ".join(s.findings) or "none"),
     ]
     lines = ["**What I understood** (the model reads it in the format it was trained on):", "",
-             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+             "| field | read as |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if dx.name is None:
         lines += ["", f"⚠️ “{dx.typed.strip()}” matches no condition name the model was trained on: its answer "
                       "may be unreliable."]

@@ -262,7 +262,8 @@ def test_a_free_text_case_is_understood_and_its_answer_checked(server: Server, b
     )
     page.locator("[id='step-De-identification']").first.click()
     page.wait_for_selector("text=What I understood", timeout=30_000)
-    step = page.locator("[id='step-De-identification']").first.inner_text()
+    step = page.locator("text=What I understood").first.locator(
+        "xpath=ancestor::*[contains(., 'Current medications')][1]").inner_text()
     assert "Streptococcal sore throat (from" in step and "acetaminophen, sertraline" in step, step
     page.screenshot(path=str(ARTIFACTS / "chat-understood.png"), full_page=True)
 
