@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--index-dir", type=Path, default=None)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--cases", default="doctor_cases*.jsonl", help="which files of tests/data (a glob)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "doctor_cases.json")
     args = parser.parse_args()
 
@@ -45,13 +46,15 @@ def main() -> None:
     from federimed.cpu import this_cpu
     from federimed.safety import check, proposed_drugs
 
-    cases = [json.loads(line) for path in sorted((REPO / "tests" / "data").glob("doctor_cases*.jsonl"))
+    cases = [json.loads(line) for path in sorted((REPO / "tests" / "data").glob(args.cases))
              for line in path.read_text().splitlines() if line.strip()]  # fmt: skip
     started = time.perf_counter()
     results, hits = {}, {}
     for model in ("base", "latest"):
         for retrieval in (False, True):
             assistant = Assistant(adapter=model, runs_dir=args.runs_dir, index_dir=args.index_dir, retrieval=retrieval)
+            if model == "latest" and assistant.version.adapter_dir is None:
+                sys.exit(f"no trained model under {args.runs_dir}: run the demo or `federimed train` first")
             for form in ("typed", "parsed"):
                 name = assistant.version.mode or "base"
                 key = f"{name} · {form} · retrieval {'on' if retrieval else 'off'}"
