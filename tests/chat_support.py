@@ -21,13 +21,14 @@ def build_tiny_index(folder: Path) -> Path:
     return build_index(docs, folder / "index").index_dir
 
 
-CRASH = 666
-"""A prompt id at which `CrashingEngine` kills its own process with SIGSEGV, as a native crash would."""
+CRASH, BUSY = 666, 777
+"""Prompt ids at which `CrashingEngine` kills its own process with SIGSEGV (as a native crash would), or
+stays busy in native-like work for 10 minutes."""
 
 
 class CrashingEngine:
-    """An engine that answers "a", "b", "c" and segfaults on a prompt holding `CRASH`: the guard is under
-    test, not a model."""
+    """An engine that answers "a", "b", "c", segfaults on a prompt holding `CRASH` and hangs on `BUSY`: the
+    guard is under test, not a model."""
 
     name = "crashing"
     tokenizer = None
@@ -37,8 +38,12 @@ class CrashingEngine:
         import os
         import signal
 
+        import time
+
         if CRASH in prompt_ids:
             os.kill(os.getpid(), signal.SIGSEGV)
+        if BUSY in prompt_ids:
+            time.sleep(600)
         yield from ["a", "b", "c"][:max_new_tokens]
 
     def greedy(self, prompts, *, max_new_tokens, batch_size=8, on_batch=None):

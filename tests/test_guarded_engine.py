@@ -55,3 +55,33 @@ def test_the_guarded_llama_cpp_engine_answers_as_the_direct_one() -> None:
             direct.stream(ids, max_new_tokens=24, temperature=0.0))
     finally:
         guarded.close()
+
+
+def test_the_engine_process_ends_with_its_parent(tmp_path) -> None:
+    """A chat server killed outright (SIGKILL) while its engine is busy leaves no engine process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from chat_support import CrashingEngine; "
+              "from federimed.serving.guarded import GuardedEngine; e = GuardedEngine(CrashingEngine); "
+              "import threading; threading.Thread(target=lambda: list(e.stream([777], max_new_tokens=1, "
+              "temperature=0.0)), daemon=True).start(); print(e._process.pid, flush=True); "
+              "import time; time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent)], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"engine process {child} outlived its parent")

@@ -27,8 +27,19 @@ class EngineCrashed(RuntimeError):
     """The engine process died while answering."""
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies, even by SIGKILL (elsewhere a no-op:
+    the child then ends at its next send)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _serve(loader: Callable[[], Engine], conn: Any, stop: Any) -> None:
     """The child: load the engine, then answer requests until the pipe closes."""
+    _die_with_parent()
     engine = loader()
     conn.send(("ready", (engine.name, engine.tokenizer, engine.context_length)))
     while True:
