@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from federimed.safety import vocabulary
 from ingest.cases import Snapshot
@@ -100,6 +100,15 @@ _FINDINGS = [
     (re.compile(r"\bldl(?:-c)?\s*(?:of|is|was|:)?\s*(\d{2,3})", re.I), "LDL {0} mg/dL"),
     (re.compile(r"\begfr\s*(?:of|is|was|:)?\s*(\d{1,3})", re.I), "eGFR {0} mL/min/1.73m2"),
 ]
+_BY_LOWER = {name.lower(): name for name in CONDITIONS}
+_SURFACES = [
+    (re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I), name, how)
+    for word, (name, how) in sorted(
+        ({n.lower(): (n, "exact") for n in CONDITIONS} | {a: (n, "abbreviation") for a, n in ABBREVIATIONS.items()}).items(),
+        key=lambda item: len(item[0]), reverse=True,
+    )
+]  # fmt: skip
+"""Each condition name and abbreviation as a whole-word pattern, longest first (for `mentions`)."""
 _TREATED_WITH = re.compile(r"\s+(?:on|taking|takes|treated with|for)\s+", re.I)
 _RENDERED = re.compile(r"(?m)^Patient: .+\n(?:New diagnosis|Active conditions): ")
 
@@ -119,50 +128,50 @@ class Match:
 
 @dataclass
 class Understood:
-    """What the parser read from a case: the text the model reads, and a summary for the doctor."""
+    """What the parser read from a case: the text the model reads, and what `summary` shows the doctor."""
 
     text: str
-    parsed: bool  # False: the case was already in the trained format, or too little was found to rewrite it
+    snapshot: Snapshot | None = None  # None: kept as typed (already in the trained format, or too little found)
     diagnosis: Match | None = None
-    conditions: list[Match] = field(default_factory=list)
-    snapshot: Snapshot | None = None
     unseen_diagnosis: bool = False  # not among the diagnoses the federation's released counts show
 
+    @property
+    def parsed(self) -> bool:
+        """Whether the text was parsed and rendered anew."""
+        return self.snapshot is not None
 
-def match_condition(typed: str, names: Iterable[str] = CONDITIONS) -> Match:
+
+def match_condition(typed: str) -> Match:
     """The condition name `typed` stands for: exact, by abbreviation, or the closest by fuzzy match."""
     phrase = re.sub(r"\s+", " ", typed.strip(" -:").lower())
     phrase = re.sub(r"^(?:an?|the|mild|moderate|severe|acute onset of|suspected|probable)\s+", "", phrase)
-    by_lower = {name.lower(): name for name in names}
-    if phrase in by_lower:
-        return Match(typed, by_lower[phrase], "exact")
+    if phrase in _BY_LOWER:
+        return Match(typed, _BY_LOWER[phrase], "exact")
     if phrase in ABBREVIATIONS:
         return Match(typed, ABBREVIATIONS[phrase], "abbreviation")
-    contained = [n for n in by_lower if re.search(rf"\b{re.escape(n)}\b", phrase)]
+    contained = [n for n in _BY_LOWER if re.search(rf"\b{re.escape(n)}\b", phrase)]
     if contained:
-        return Match(typed, by_lower[max(contained, key=len)], "exact")
+        return Match(typed, _BY_LOWER[max(contained, key=len)], "exact")
     abbreviated = [a for a in ABBREVIATIONS if re.search(rf"\b{re.escape(a)}\b", phrase)]
     if abbreviated:
         return Match(typed, ABBREVIATIONS[max(abbreviated, key=len)], "abbreviation")
-    scored = [(difflib.SequenceMatcher(None, phrase, n).ratio(), n) for n in by_lower]
+    scored = [(difflib.SequenceMatcher(None, phrase, n).ratio(), n) for n in _BY_LOWER]
     score, best = max(scored, default=(0.0, ""))
     if score >= FUZZY_CUTOFF:
-        return Match(typed, by_lower[best], f"fuzzy {score:.2f}")
+        return Match(typed, _BY_LOWER[best], f"fuzzy {score:.2f}")
     return Match(typed, None, "no match")
 
 
 def mentions(text: str) -> list[Match]:
     """Every condition named in `text` by its name or a listed abbreviation, in order (longest first where
     two overlap)."""
-    surface = {name.lower(): (name, "exact") for name in CONDITIONS}
-    surface |= {short: (name, "abbreviation") for short, name in ABBREVIATIONS.items()}
     found, taken = [], set()
-    for word in sorted(surface, key=len, reverse=True):
-        for m in re.finditer(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.I):
+    for pattern, name, how in _SURFACES:
+        for m in pattern.finditer(text):
             span = set(range(m.start(), m.end()))
             if not span & taken:
                 taken |= span
-                found.append((m.start(), Match(m.group(0), *surface[word])))
+                found.append((m.start(), Match(m.group(0), name, how)))
     return [match for _, match in sorted(found, key=lambda f: f[0])]
 
 
@@ -195,8 +204,7 @@ def _allergies(text: str) -> tuple[list[str], str]:
 
 def _medications(text: str) -> list[str]:
     """Ingredients of the drugs the case says the patient takes (none when it says no medication)."""
-    if _NEGATIVE_MEDS.search(text):
-        text = _NEGATIVE_MEDS.sub(" ", text)
+    text = _NEGATIVE_MEDS.sub(" ", text)
     drugs: dict[str, None] = {}
     for clause in re.split(r"[.,;\n]", text):
         if not re.search(r"\b(?:no|not|stopped|avoid)\b", clause, re.I):
@@ -209,7 +217,7 @@ def understand(case_text: str, seen_diagnoses: Iterable[str] | None = None) -> U
     no recognisable age or diagnosis, is kept as typed. `seen_diagnoses`: the diagnosis names of the
     federation's released counts (None: unknown, no claim is made)."""
     if _RENDERED.search(case_text):
-        return Understood(case_text, parsed=False)
+        return Understood(case_text)
     age, sex = _age_sex(case_text)
     allergies, rest = _allergies(case_text)
     history = [m.group("list") for m in _HISTORY.finditer(rest)]
@@ -219,7 +227,7 @@ def understand(case_text: str, seen_diagnoses: Iterable[str] | None = None) -> U
     if named and (dx is None or dx.name is None):  # "atopic dermatitis, newly diagnosed": the named condition
         dx = named[0]
     if age is None or dx is None:
-        return Understood(case_text, parsed=False)
+        return Understood(case_text)
     listed = [match_condition(_TREATED_WITH.split(i)[0]) for h in history for i in _items(h)]
     listed = [c for c in listed if c.name or not vocabulary().extract(c.typed)]  # "uses albuterol": a drug
     conditions = listed + named
@@ -235,12 +243,12 @@ def understand(case_text: str, seen_diagnoses: Iterable[str] | None = None) -> U
     )  # fmt: skip
     seen = {s.lower() for s in seen_diagnoses} if seen_diagnoses is not None else None
     unseen = seen is not None and dx.rendered.lower() not in seen
-    return Understood(snapshot_text(snapshot), True, dx, conditions, snapshot, unseen)
+    return Understood(snapshot_text(snapshot), snapshot, dx, unseen)
 
 
 def summary(understood: Understood) -> str:
     """Markdown for the case step: what was read, how the diagnosis was matched, and any warning."""
-    if not understood.parsed or understood.snapshot is None or understood.diagnosis is None:
+    if understood.snapshot is None or understood.diagnosis is None:
         return ""
     s, dx = understood.snapshot, understood.diagnosis
     how = "" if dx.how == "exact" else f" (from “{dx.typed.strip()}”, {dx.how})"
