@@ -137,11 +137,11 @@ def check(case_text: str, answer: str) -> list[Flag]:
     """Every conflict between the drugs `answer` proposes and the case's allergies and current medications."""
     allergies, medications = case_lists(case_text)
     current = {d for m in medications for d in vocabulary().extract(m)} | {m.lower() for m in medications}
+    ruled_out = [(allergy, *_allergy_targets(allergy)) for allergy in allergies]
     flags = []
     for drug in proposed_drugs(answer):
         drug_class = CLASS_OF.get(drug)
-        for allergy in allergies:
-            drugs, classes = _allergy_targets(allergy)
+        for allergy, drugs, classes in ruled_out:
             if drug in drugs or drug_class in classes:
                 why = "" if drug in drugs else f" ({drug_class})"
                 flags.append(Flag(drug, "allergy", f"the patient is allergic to {allergy}{why}"))
