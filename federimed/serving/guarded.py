@@ -67,7 +67,6 @@ class GuardedEngine:
         self._loader = loader
         self._context = mp.get_context("spawn")
         self._lock = threading.Lock()
-        self._process: Any = None
         self._start()
 
     def _start(self) -> None:
@@ -104,7 +103,7 @@ class GuardedEngine:
                             "starts a fresh engine")
 
     def _ensure_running(self) -> None:
-        if self._process is None or not self._process.is_alive():
+        if not self._process.is_alive():
             self._start()
 
     def stream(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> Iterator[str]:
@@ -114,26 +113,22 @@ class GuardedEngine:
             self._stop.clear()
             self._conn.send(("stream", {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens,
                                         "temperature": temperature}))
-            finished = False
+            kind = "piece"
             try:
-                while True:
+                while kind == "piece":
                     kind, value = self._receive(START_TIMEOUT_S, "answering")
                     if kind == "piece":
                         yield value
-                    elif kind == "error":
-                        finished = True
-                        raise RuntimeError(value)
-                    else:
-                        finished = True
-                        return
             except EngineCrashed:
-                finished = True
+                kind = "crashed"  # nothing left to stop
                 raise
             finally:
-                if not finished:  # the consumer stopped: stop the child and drain what it still sends
+                if kind == "piece":  # the consumer stopped: stop the child and drain what it still sends
                     self._stop.set()
                     while self._receive(START_TIMEOUT_S, "stopping")[0] == "piece":
                         pass
+        if kind == "error":
+            raise RuntimeError(value)
 
     def greedy(
         self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8, on_batch: OnBatch | None = None
@@ -153,7 +148,6 @@ class GuardedEngine:
     def close(self) -> None:
         """Stop the child process."""
         self._conn.close()
-        if self._process is not None:
-            self._process.join(5)
-            if self._process.is_alive():
-                self._process.kill()
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
