@@ -107,19 +107,19 @@ def gather(grid: Grid, options: ServerOptions) -> Path:
     diagnoses = {code: name for reply in replies for code, name in reply.content[DIAGNOSES_RECORD].items()}
     if options.secagg:
         flat, names = _secure_sum(grid, replies, query, options)
+        counts = CohortCounts.from_metrics(flat, diagnoses)
     else:
-        flat, names = {}, [_name(reply) for reply in replies]
+        counts, names = CohortCounts(diagnoses=diagnoses), [_name(reply) for reply in replies]
         for reply in replies:
-            for key, n in reply.content[COUNTS_RECORD].items():
-                flat[key] = flat.get(key, 0) + int(n)
-    counts = CohortCounts.from_metrics(flat, diagnoses)
+            counts.add(CohortCounts.from_metrics(reply.content[COUNTS_RECORD], {}))
     if noise is not None:
         counts = noise.applied(counts, len(names), np.random.default_rng())
-    path = write_artefact(options.runs_dir, release(counts, options.min_cell, names, noise))
+    artefact = release(counts, options.min_cell, names, noise)
+    path = write_artefact(options.runs_dir, artefact)
     privacy = f", DP ε {noise.epsilon:g} at δ {noise.delta:g} per patient" if noise else ""
     log.info("cohort statistics of %d hospitals (%s)%s%s, cells under %d suppressed → %s", len(names),
              ", ".join(sorted(names)), " summed by SecAgg+" if options.secagg else "", privacy,
-             max(options.min_cell, noise.threshold) if noise else options.min_cell, path)
+             artefact["min_cell"], path)
     return path
 
 
