@@ -90,6 +90,7 @@ class CohortCounts:
         counts = cls()
         strata: dict[tuple[str, str], tuple[str, str]] = {}  # (patient, diagnosis) → its two stratum keys
         decisions: Counter[tuple[str, str]] = Counter()
+        diagnosed: Counter[str] = Counter()  # patient → diagnoses counted
         started: dict[tuple[str, str], list[str]] = defaultdict(list)
         for line_no, target in _jsonl(targets):
             if target["id"] not in who:  # the error may reach the server: it names a line, never an id
@@ -100,8 +101,9 @@ class CohortCounts:
             patient, code = target["patient"], target["diagnosis"]["code"]
             pair = (patient, code)
             if pair not in strata:
-                if bounds and sum(p == patient for p, _ in strata) >= bounds.diagnoses:
+                if bounds and diagnosed[patient] >= bounds.diagnoses:
                     continue
+                diagnosed[patient] += 1
                 strata[pair] = (stratum_key(code), stratum_key(code, *who[target["id"]]))
             if bounds and decisions[pair] >= bounds.decisions:
                 continue
