@@ -11,7 +11,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.assistant import ModelVersion, available_versions
 from federimed.checkpoints import list_versions, new_run, save_round
@@ -30,11 +29,7 @@ from fl_support import make_hospital, tiny_settings
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run and node ids from the process's task identity, set by Flower's runtimes."""
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 # ---------------------------------------------------------------- accounting

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.fl.transport import (
     LAYOUT_RECORD,
@@ -72,11 +71,6 @@ def test_pack_content_packs_only_multi_array_records_and_restores_the_rest_untou
     assert unpack_content(content) is content  # nothing packed: nothing to do
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages made outside a Flower process need a run/node/task identity."""
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 class WireGrid:

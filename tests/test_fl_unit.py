@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from federimed.fl.hospitals import DATA_DIR_ENV, HOSPITALS_ENV, HospitalDataError, check_hospital, node_hospital
 from federimed.fl.settings import ServerOptions, run_settings, to_run_config
@@ -19,11 +18,7 @@ from fl_support import make_hospital, tiny_settings
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run and node ids from the process's task identity, set by Flower's runtimes."""
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 class Grid:
