@@ -5,15 +5,8 @@ chat again in the history after a reload, and a second doctor can neither see no
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from chat_support import build_tiny_index
+from chat_support import PROPOSED, build_tiny_index, teach_one_answer
 
+from federimed.chat_server import ChatServerError, chat_server
 from federimed.users import UserStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -54,13 +48,16 @@ class Server:
 
 def _demo_order_runs(runs: Path) -> str:
     """Runs in the demo's order: a federated run, then a local-only baseline saved after it (the newest
-    checkpoint). Untrained adapters (PEFT starts lora_B at zero): the test is about which model serves."""
+    checkpoint). The federated adapter is taught to propose amoxicillin for every case (`teach_one_answer`):
+    the test is about which model serves and what the chat does with its answer, not about its medicine."""
     from federimed.checkpoints import new_run, save_round
     from federimed.config import RunSettings
     from federimed.model import add_lora, load_base
 
     settings = RunSettings()
-    peft = add_lora(load_base(settings.model)[0], settings.lora)
+    base, tokenizer = load_base(settings.model)
+    peft = add_lora(base, settings.lora)
+    teach_one_answer(peft, tokenizer)
     federated = new_run(runs, settings, "federated", {"childrens": 12, "general": 20})
     save_round(federated, 1, peft, {"train_loss": 1.0})
     time.sleep(1.1)  # creation times have whole seconds: the baseline is strictly newer
@@ -82,12 +79,6 @@ def _cohort_artefact(runs: Path) -> None:
     write_artefact(runs, release(counts, min_cell=11, hospitals=["childrens", "general", "geriatric-cardiac"]))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not CHROMIUM.exists():
@@ -99,43 +90,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     users.add("dr.house", PASSWORD)
     federated = _demo_order_runs(tmp / "runs")
     _cohort_artefact(tmp / "runs")
-    port = _free_port()
-    database = tmp / "chainlit.db"
-    env = {k: v for k, v in os.environ.items() if k != "CI"}  # chainlit run behaves differently under CI
-    env |= {
-        "FEDERIMED_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-        "CHAINLIT_AUTH_SECRET": secrets.token_urlsafe(32),
-    }
-    command = [
-        sys.executable, "-m", "federimed.cli", "chat", "--host", "127.0.0.1", "--port", str(port),
-        "--runs-dir", str(tmp / "runs"), "--index-dir", str(index), "--db", str(users.path),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    log: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            log.append(line)
-            if "Your app is available at" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while not ready.wait(1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("chat server did not start:\n" + "".join(log[-40:]))
-        yield Server(f"http://127.0.0.1:{port}", database, log, federated)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with chat_server(tmp, runs_dir=tmp / "runs", index_dir=index, users_db=users.path, startup_s=STARTUP_S) as chat:
+            yield Server(chat.url, chat.database, chat.log, federated)
+    except ChatServerError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -269,12 +228,13 @@ def test_a_free_text_case_is_understood_and_its_answer_checked(server: Server, b
 
     shown = page.locator(ANSWER, has_text="Decision support only").last.inner_text()
     flags = check(understand(FREE_TEXT_CASE).text, shown.split("Decision support only")[0])
+    assert any(f.drug == PROPOSED and f.kind == "allergy" for f in flags), (shown, flags)  # the model proposed it
     warning = page.locator(ANSWER, has_text="Check before prescribing")
-    assert warning.count() == (1 if flags else 0), (shown, flags)  # a warning exactly when the check finds one
-    if flags:
-        text = warning.first.inner_text()
-        assert all(f.drug in text and f.reason in text for f in flags), (text, flags)
-        page.screenshot(path=str(ARTIFACTS / "chat-safety-warning.png"), full_page=True)
+    assert warning.count() == 1, shown
+    text = warning.first.inner_text()
+    assert all(f.drug in text and f.reason in text for f in flags), (text, flags)
+    warning.first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "chat-safety-warning.png"), full_page=True)
 
 
 def test_a_second_doctor_waits_in_line_and_is_told_their_place(server: Server, browser: object) -> None:
