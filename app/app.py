@@ -18,11 +18,11 @@ from federimed import chat_ui, safety
 from federimed.assistant import DEFAULT_MAX_NEW_TOKENS, Assistant, CaseError, Prepared
 from federimed.history import data_layer
 from federimed.serving.guarded import EngineCrashed
-from federimed.serving.turns import TurnQueue
+from federimed.serving.turns import AnswerLine
 from federimed.users import UserStore
 
 SETTINGS = chat_ui.AppSettings.from_env()
-TURNS = TurnQueue()  # one engine per server: doctors take turns, first come first served
+LINE = AnswerLine()  # one engine per server: answers waiting together are decoded together
 
 
 @cl.data_layer
@@ -124,22 +124,29 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
         waiting.content = chat_ui.queue_text(ahead)
         await (waiting.update() if shown else waiting.send())
 
+    async def end_wait() -> None:  # this doctor's turn: the queue message goes
+        if waiting.content:
+            waiting.content = ""
+            await waiting.remove()
+
     try:
-        async with TURNS.turn(show_place):
-            if waiting.content:  # this doctor's turn: the queue message goes
-                await waiting.remove()
-            async for piece in assistant.astream(
-                Prepared.of(case_text, snippets),
-                temperature=float(settings["temperature"]),
-                max_new_tokens=int(settings["max_tokens"]),
-            ):
-                await answer.stream_token(piece)
+        async for piece in assistant.astream(
+            Prepared.of(case_text, snippets),
+            temperature=float(settings["temperature"]),
+            max_new_tokens=int(settings["max_tokens"]),
+            line=LINE,
+            on_wait=show_place,
+        ):
+            await end_wait()
+            await answer.stream_token(piece)
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return
     except EngineCrashed as exc:
         await cl.ErrorMessage(content=f"**The model stopped unexpectedly:** {exc}. Please ask again.").send()
         return
+    finally:
+        await end_wait()
     sources = chat_ui.source_elements(snippets)
     warning = safety.warning_text(safety.check(case_text, answer.content))
     answer.content = chat_ui.with_footer(answer.content, sources, assistant.version)

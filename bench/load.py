@@ -78,7 +78,8 @@ class Doctor:
             response.raise_for_status()
             self.cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
         self._ended = asyncio.Event()
-        self._ready = asyncio.Event()
+        self._ready = asyncio.Event()  # the chat has started: its settings came, then the end of that task
+        self._settings_seen = False
         self.sio = socketio.AsyncClient(reconnection=False)
         self.sio.on("chat_settings", self._on_settings)
         self.sio.on("stream_token", self._on_token)
@@ -88,10 +89,10 @@ class Doctor:
         await self.sio.connect(self.url, socketio_path="/ws/socket.io", headers={"Cookie": self.cookie}, auth=auth,
                                transports=["websocket"])  # fmt: skip
         await self.sio.emit("connection_successful")
-        await asyncio.wait_for(self._ready.wait(), 60)  # the chat settings arrive once the chat has started
+        await asyncio.wait_for(self._ready.wait(), 60)
 
     async def _on_settings(self, _data: object) -> None:
-        self._ready.set()
+        self._settings_seen = True
 
     async def _on_token(self, data: dict) -> None:
         turn = self.turns[-1]
@@ -103,7 +104,9 @@ class Doctor:
             self.turns[-1].error = data.get("output", "error")
 
     async def _on_task_end(self, _data: object) -> None:
-        if self.turns and self.turns[-1].ended is None:
+        if not self.turns and self._settings_seen:
+            self._ready.set()
+        elif self.turns and self.turns[-1].ended is None:
             self.turns[-1].ended = time.perf_counter()
             self._ended.set()
 
@@ -141,11 +144,10 @@ class Doctor:
 
 
 def percentile(values: list[float], share: float) -> float | None:
-    """The `share` quantile (nearest rank), or None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, max(0, round(share * len(ordered) + 0.5) - 1))], 3)
+    """The `share` quantile (numpy's linear interpolation), or None without values."""
+    import numpy as np
+
+    return round(float(np.percentile(values, 100 * share)), 3) if values else None
 
 
 def history_problems(doctor: Doctor, threads: list[dict]) -> list[str]:
@@ -199,7 +201,7 @@ async def run_level(url: str, level: int, cases: list[str], per_doctor: int, tim
         "tokens_per_answer_median": statistics.median(t.tokens for t in turns) if turns else None,
         "wall_s": round(wall, 1),
         "paste_50k": {"refused": bool(pasted.error) and "limit" in pasted.error,
-                      "reply_s": round((pasted.ended or time.perf_counter()) - pasted.sent, 2), "message": pasted.error},
+                      "reply_s": round((pasted.ended or time.perf_counter()) - pasted.sent, 3), "message": pasted.error},
         "history_problems": problems,
     }
 
@@ -216,17 +218,18 @@ async def warm_up(url: str, case: str) -> None:
 
 def batched_alternative(runs_dir: Path, index_dir: Path | None, cases: list[str], levels: list[int], max_new_tokens: int) -> dict:
     """The engine's batched decoding of N prompts at once: the seconds until every prompt is read (the first
-    token of every doctor), until all N answers end, and one answer alone for comparison."""
+    token of every doctor), until all N answers end, and the share of answers identical to the same prompt's
+    answer decoded alone (a batch changes how products are split, so rounding, so possibly the answer)."""
     from federimed.assistant import Assistant
     from federimed.serving.backend import prompt_ids
 
     assistant = Assistant(adapter="latest", runs_dir=runs_dir, index_dir=index_dir)
     engine = assistant.model()
     prompts = [prompt_ids(engine.tokenizer, assistant.prepare_text(assistant.understand(c).text).messages) for c in cases]
-    engine.greedy(prompts[:1], max_new_tokens=1)  # warm
+    chunks = {level: [prompts[i % len(prompts)] for i in range(level)] for level in levels}
+    alone = engine.greedy(chunks[max(levels)], max_new_tokens=max_new_tokens, batch_size=1)
     results = {}
-    for level in levels:
-        chunk = [prompts[i % len(prompts)] for i in range(level)]
+    for level, chunk in chunks.items():
         started = time.perf_counter()
         engine.greedy(chunk, max_new_tokens=1, batch_size=level)
         read = time.perf_counter() - started
@@ -235,7 +238,8 @@ def batched_alternative(runs_dir: Path, index_dir: Path | None, cases: list[str]
         total = time.perf_counter() - started
         results[str(level)] = {"first_token_of_every_doctor_s": round(read, 2), "all_answers_s": round(total, 2),
                                "generated_tokens": sum(len(a) for a in answers),
-                               "prompt_tokens": sum(len(p) for p in chunk)}  # fmt: skip
+                               "prompt_tokens": sum(len(p) for p in chunk),
+                               "same_answer_as_alone": round(sum(a == b for a, b in zip(answers, alone)) / level, 3)}  # fmt: skip
         print(f"batched {level}: every first token after {read:.1f} s, all answers after {total:.1f} s", flush=True)
     return results
 
@@ -262,7 +266,7 @@ def main() -> None:
         sys.exit(f"no held-out cases under {args.data}: run the demo (or `federimed data`) first")
     levels = [int(n) for n in args.levels.split(",")]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="federimed-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="federimed-load-", ignore_cleanup_errors=True) as tmp:
         folder = Path(tmp)
         users = UserStore(folder / "users.db")
         for level in levels:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
 from federimed.scrub import scrub_free_text
+from federimed.serving.turns import AnswerLine, OnWait
 from ingest.dialogues import QUESTION, SYSTEM_PROMPT
 
 if TYPE_CHECKING:
@@ -221,6 +221,14 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _log_answer(engine: str, pieces: int, prompt_tokens: int, snippets: int, started: float, first: float | None) -> None:
+    """Lengths and timings of one answer (never its text)."""
+    log.info(
+        "%s generated %d pieces for a %d-token prompt (%d snippets) in %.2f s, first after %.2f s",
+        engine, pieces, prompt_tokens, snippets, time.perf_counter() - started, (first or time.perf_counter()) - started,
+    )  # fmt: skip
+
+
 class Assistant:
     """Answers cases with one model version; retrieval from one guideline index."""
 
@@ -312,21 +320,26 @@ class Assistant:
         artefact = latest_artefact(self.runs_dir)
         return for_case(artefact, case_text) if artefact is not None else None
 
-    def generate(
-        self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    ) -> Iterator[str]:
-        """Stream the answer to a prepared case, piece by piece (greedy when temperature is 0)."""
+    def prompt_ids(self, engine: Engine, prepared: Prepared, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids for `engine`; `CaseError` if it and the answer cannot fit the model."""
         from federimed.serving.backend import prompt_ids
 
         if max_new_tokens < 1:
             raise CaseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        engine = self.model()
         ids = prompt_ids(engine.tokenizer, prepared.messages)
         if len(ids) + max_new_tokens > engine.context_length:
             raise CaseError(
                 f"the prompt is {len(ids):,} tokens and {max_new_tokens} more were asked for; the model reads "
                 f"at most {engine.context_length:,}. Shorten the case or ask for fewer tokens."
             )
+        return ids
+
+    def generate(
+        self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> Iterator[str]:
+        """Stream the answer to a prepared case, piece by piece (greedy when temperature is 0)."""
+        engine = self.model()
+        ids = self.prompt_ids(engine, prepared, max_new_tokens)
         started = time.perf_counter()
         first = None
         pieces = 0
@@ -338,42 +351,27 @@ class Assistant:
                 yield piece
         finally:
             stream.close()  # a consumer that stops early stops the generation now
-        elapsed = time.perf_counter() - started
-        log.info(
-            "%s generated %d pieces for a %d-token prompt (%d snippets) in %.2f s, first after %.2f s",
-            engine.name, pieces, len(ids), len(prepared.snippets), elapsed, (first or time.perf_counter()) - started,
-        )  # fmt: skip
+        _log_answer(engine.name, pieces, len(ids), len(prepared.snippets), started, first)
 
     async def astream(
-        self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    ) -> AsyncIterator[str]:
-        """`generate` for async code: runs in a worker thread; stops generating when the consumer stops."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def pump() -> None:
-            try:
-                pieces = self.generate(prepared, temperature=temperature, max_new_tokens=max_new_tokens)
-                for piece in pieces:
-                    if cancelled.is_set():
-                        pieces.close()
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except BaseException as exc:  # handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        worker = loop.run_in_executor(None, pump)
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            await asyncio.shield(worker)
+        self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        line: AnswerLine | None = None, on_wait: OnWait | None = None,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        """`generate` for async code, through `line`: the chat server's line, where greedy answers waiting at
+        the same time are decoded together (each the answer it gets alone) and `on_wait` hears the place in
+        line; a line of its own when None. Stops generating when the consumer stops."""
+        engine = await asyncio.to_thread(self.model)
+        ids = self.prompt_ids(engine, prepared, max_new_tokens)
+        started = time.perf_counter()
+        first = None
+        pieces = 0
+        async for piece in (line or AnswerLine()).stream(
+            engine, ids, max_new_tokens=max_new_tokens, temperature=temperature, on_wait=on_wait
+        ):
+            first = first or time.perf_counter()
+            pieces += 1
+            yield piece
+        _log_answer(engine.name, pieces, len(ids), len(prepared.snippets), started, first)
 
     def stream(
         self,

@@ -21,9 +21,9 @@ def build_tiny_index(folder: Path) -> Path:
     return build_index(docs, folder / "index").index_dir
 
 
-CRASH, BUSY = 666, 777
-"""Prompt ids at which `CrashingEngine` kills its own process with SIGSEGV (as a native crash would), or
-stays busy in native-like work for 10 minutes."""
+CRASH, BUSY, SLOW = 666, 777, 555
+"""Prompt ids at which `CrashingEngine` kills its own process with SIGSEGV (as a native crash would), stays
+busy in native-like work for 10 minutes, or takes 0.2 s per piece."""
 
 
 class CrashingEngine:
@@ -44,7 +44,14 @@ class CrashingEngine:
             os.kill(os.getpid(), signal.SIGSEGV)
         if BUSY in prompt_ids:
             time.sleep(600)
-        yield from ["a", "b", "c"][:max_new_tokens]
+        for piece in ["a", "b", "c"][:max_new_tokens]:
+            time.sleep(0.2 if SLOW in prompt_ids else 0)
+            yield piece
+
+    def stream_together(self, prompts, *, max_new_tokens, stopped):
+        from federimed.serving.backend import stream_one_by_one
+
+        return stream_one_by_one(self, prompts, max_new_tokens, stopped)
 
     def greedy(self, prompts, *, max_new_tokens, batch_size=8, on_batch=None):
         return [[1] * max_new_tokens for _ in prompts]

@@ -362,6 +362,31 @@ def test_batched_greedy_decoding_gives_the_answers_of_one_at_a_time(trained_adap
 
 @needs_llama
 @pytest.mark.slow
+def test_answers_streamed_together_are_the_answers_of_one_at_a_time(trained_adapter: Path) -> None:
+    """Doctors asking at once (the chat's line) get each the answer evaluation gives their case alone, in
+    interleaved pieces, each first piece as soon as that prompt is read; a stopped answer ends alone."""
+    from federimed.serving.backend import answer_text
+
+    engine = select.load_engine(SETTINGS, trained_adapter, "llama.cpp")  # the chat's engine
+    prompts = [prompt_ids(engine.tokenizer, messages(d["messages"][1]["content"])) for d in dialogues(4, start=400)]
+    alone = [answer_text(engine.tokenizer, a) for a in engine.greedy(prompts, max_new_tokens=24, batch_size=1)]
+    texts, order = ["" for _ in prompts], []
+    for seq, piece in engine.stream_together(prompts, max_new_tokens=[24, 24, 24, 3], stopped=lambda seq: False):
+        order.append((seq, piece is None))
+        texts[seq] += piece or ""
+    assert [t.strip() for t in texts[:3]] == alone[:3]
+    assert len(engine.tokenizer(texts[3].strip())["input_ids"]) <= 3 and alone[3].startswith(texts[3].strip())
+    assert [seq for seq, _ in order[:4]] == [0, 1, 2, 3]  # every first piece before the answers advance
+    assert sorted(seq for seq, ended in order if ended) == [0, 1, 2, 3]
+    stopped, got = {1}, ["", ""]
+    for seq, piece in engine.stream_together(prompts[:2], max_new_tokens=[24, 24], stopped=lambda seq: seq in stopped):
+        got[seq] += piece or ""
+    assert got[0].strip() == alone[0] and got[1] == ""
+    engine.close()
+
+
+@needs_llama
+@pytest.mark.slow
 def test_an_answer_depends_only_on_its_prompt_not_on_what_was_asked_before() -> None:
     engine = select.load_engine(SETTINGS, None, "llama.cpp")
     case = "Patient: 58-year-old male\nNew diagnosis: Essential hypertension\nRecent findings: BP 152/96 mmHg"

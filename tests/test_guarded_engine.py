@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-from chat_support import CRASH, CrashingEngine
+from chat_support import CRASH, SLOW, CrashingEngine
 
 from federimed.serving.guarded import EngineCrashed, GuardedEngine
 from federimed.serving.select import llama_cpp_problem
@@ -33,6 +33,24 @@ def test_a_consumer_that_stops_early_leaves_the_engine_ready() -> None:
         assert next(stream) == "a"
         stream.close()
         assert list(engine.stream([1], max_new_tokens=3, temperature=0.0)) == ["a", "b", "c"]
+    finally:
+        engine.close()
+
+
+def test_answers_together_come_back_piece_by_piece_and_a_stop_reaches_the_child() -> None:
+    engine = GuardedEngine(CrashingEngine)
+    try:
+        pieces = list(engine.stream_together([[1], [2]], max_new_tokens=[2, 3], stopped=lambda seq: False))
+        assert pieces == [(0, "a"), (0, "b"), (0, None), (1, "a"), (1, "b"), (1, "c"), (1, None)]
+        stopped: set[int] = set()
+        got = []
+        for seq, piece in engine.stream_together([[SLOW], [2]], max_new_tokens=[3, 3], stopped=lambda seq: seq in stopped):
+            got.append((seq, piece))
+            stopped.add(0)  # the first doctor presses stop after their first piece
+        assert got[0] == (0, "a") and (1, "c") in got and (0, "b") not in got
+        with pytest.raises(EngineCrashed, match="while answering"):
+            list(engine.stream_together([[1], [CRASH]], max_new_tokens=[1, 1], stopped=lambda seq: False))
+        assert list(engine.stream_together([[1]], max_new_tokens=[1], stopped=lambda seq: False)) == [(0, "a"), (0, None)]
     finally:
         engine.close()
 

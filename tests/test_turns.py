@@ -1,57 +1,126 @@
-"""The chat's line in front of the engine: first come, first served, each waiting doctor told their place,
-and a doctor who leaves (answer done, stop, tab closed) frees the line at once."""
+"""The chat's line in front of the engine: answers waiting when the engine frees up are decoded together,
+first come first served, each waiting doctor told their place; a doctor who leaves (answer done, stop, tab
+closed) frees the line at once, and one who stops mid-answer stops only their own answer."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator, Sequence
 
-from federimed.serving.turns import TurnQueue
+from federimed.serving.backend import Piece, Stopped
+from federimed.serving.turns import AnswerLine
 
 
-def test_doctors_are_answered_in_order_and_told_their_place() -> None:
-    async def scenario() -> tuple[list[str], dict[str, list[int]]]:
-        line, order, told = TurnQueue(), [], {}
+class RecordingEngine:
+    """Answers prompt [n] with the pieces "n.0", "n.1", … (max_new_tokens of them), one step per piece of
+    every answer in the batch; records each batch; holds a batch while `hold` is clear."""
 
-        async def doctor(name: str) -> None:
+    name, tokenizer, context_length = "recording", None, 64
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.steps_after_stop: dict[int, int] = {}
+
+    def stream_together(self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped) -> Iterator[Piece]:
+        self.batches.append([p[0] for p in prompts])
+        self.hold.wait(5)
+        live = set(range(len(prompts)))
+        for step in range(max(max_new_tokens)):
+            for seq in sorted(live):
+                if stopped(seq) or step >= max_new_tokens[seq]:
+                    live.discard(seq)
+                    yield seq, None
+                    continue
+                yield seq, f"{prompts[seq][0]}.{step}"
+        for seq in sorted(live):
+            yield seq, None
+
+    def stream(self, prompt_ids, *, max_new_tokens, temperature):
+        self.batches.append([prompt_ids[0]])
+        yield from (f"{prompt_ids[0]}.{i}" for i in range(max_new_tokens))
+
+
+def test_answers_waiting_together_are_decoded_together_in_order_and_told_their_place() -> None:
+    engine = RecordingEngine()
+
+    async def scenario() -> tuple[dict[int, str], dict[int, list[int]]]:
+        line, answers, told = AnswerLine(max_together=2), {}, {}
+        engine.hold.clear()  # the first doctor's answer holds the engine while the others arrive
+
+        async def doctor(n: int) -> None:
             async def on_wait(ahead: int) -> None:
-                told.setdefault(name, []).append(ahead)
+                told.setdefault(n, []).append(ahead)
 
-            async with line.turn(on_wait):
-                order.append(name)
-                await asyncio.sleep(0.01)
+            answers[n] = "|".join([p async for p in line.stream(engine, [n], max_new_tokens=2, on_wait=on_wait)])
 
-        await asyncio.gather(*(doctor(n) for n in ("a", "b", "c", "d")))
+        first = asyncio.create_task(doctor(0))
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(doctor(n)) for n in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        await asyncio.gather(first, *others)
         assert line.waiting == 0
-        return order, told
+        return answers, told
 
-    order, told = asyncio.run(scenario())
-    assert order == ["a", "b", "c", "d"]
-    assert told == {"b": [1], "c": [2, 1], "d": [3, 2, 1]}
+    answers, told = asyncio.run(scenario())
+    assert answers == {n: f"{n}.0|{n}.1" for n in range(4)}
+    assert engine.batches == [[0], [1, 2], [3]]  # at most 2 together, first come first served
+    assert told == {1: [1], 2: [2], 3: [3, 2]}
 
 
-def test_a_doctor_who_leaves_frees_the_line_at_once() -> None:
-    async def scenario() -> list[str]:
-        line, order = TurnQueue(), []
-        release = asyncio.Event()
+def test_a_doctor_who_leaves_frees_the_line_and_a_stop_ends_only_their_answer() -> None:
+    engine = RecordingEngine()
 
-        async def doctor(name: str, hold: asyncio.Event | None = None) -> None:
-            async with line.turn():
-                order.append(name)
-                if hold is not None:
-                    await hold.wait()
+    async def scenario() -> tuple[dict[int, list[str]], list[list[int]]]:
+        line, got = AnswerLine(), {0: [], 1: [], 2: []}
+        engine.hold.clear()
 
-        first = asyncio.create_task(doctor("a", release))
-        await asyncio.sleep(0)
-        leaving = asyncio.create_task(doctor("b", asyncio.Event()))  # waits, then closes the tab
-        last = asyncio.create_task(doctor("c"))
-        await asyncio.sleep(0.01)
-        assert line.waiting == 3
+        async def doctor(n: int, stop_after: int | None = None) -> None:
+            async for piece in line.stream(engine, [n], max_new_tokens=50):
+                got[n].append(piece)
+                if len(got[n]) == stop_after:
+                    return  # presses stop: the consumer ends
+
+        first = asyncio.create_task(doctor(0))
+        await asyncio.sleep(0.05)
+        leaving = asyncio.create_task(doctor(9))  # waits, then closes the tab
+        stopping, last = asyncio.create_task(doctor(1, stop_after=3)), asyncio.create_task(doctor(2))
+        await asyncio.sleep(0.05)
+        assert line.waiting == 4
         leaving.cancel()
-        await asyncio.sleep(0.01)
-        assert line.waiting == 2
-        first.cancel()  # the doctor being answered presses stop
-        await asyncio.wait_for(last, 1)
-        assert first.cancelled() and leaving.cancelled()
-        return order
+        await asyncio.sleep(0.05)
+        assert line.waiting == 3
+        engine.hold.set()
+        await asyncio.wait_for(asyncio.gather(first, stopping, last), 5)
+        return got, engine.batches
 
-    assert asyncio.run(scenario()) == ["a", "c"]
+    got, batches = asyncio.run(scenario())
+    assert batches == [[0], [1, 2]]  # the doctor who left was never answered
+    assert got[1] == ["1.0", "1.1", "1.2"] and len(got[2]) == 50  # the stop ended one answer, not the other
+
+
+def test_an_engine_error_reaches_every_doctor_of_its_batch_and_the_line_goes_on() -> None:
+    class Failing(RecordingEngine):
+        def stream_together(self, prompts, *, max_new_tokens, stopped):
+            if prompts[0][0] == 666:
+                raise RuntimeError("engine died")
+            yield from super().stream_together(prompts, max_new_tokens=max_new_tokens, stopped=stopped)
+
+    engine = Failing()
+
+    async def scenario() -> list[str]:
+        line = AnswerLine()
+
+        async def doctor(n: int) -> str:
+            try:
+                return "".join([p async for p in line.stream(engine, [n], max_new_tokens=1)])
+            except RuntimeError as exc:
+                return str(exc)
+
+        together = list(await asyncio.gather(doctor(666), doctor(1)))  # waiting together: one batch
+        return together + [await doctor(2)]
+
+    assert asyncio.run(scenario()) == ["engine died", "engine died", "2.0"]

@@ -1,14 +1,16 @@
 """The generation engine interface, shared helpers and the transformers reference engine.
 
 An engine answers prompts given as token ids of the Hugging Face tokenizer's chat template (so every
-engine reads exactly the same prompt): `stream` yields text pieces of one answer, `greedy` returns the
-greedy answer ids of many prompts (for evaluation).
+engine reads exactly the same prompt): `stream` yields text pieces of one answer, `stream_together` the
+pieces of several greedy answers at once (doctors asking at the same time), `greedy` returns the greedy
+answer ids of many prompts (for evaluation).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from typing import Any, Protocol
 
 GENERATE_LOCK = threading.Lock()
@@ -17,6 +19,10 @@ context is not thread-safe)."""
 
 OnBatch = Callable[[int], None]
 """Called with the number of prompts answered since the last call."""
+Stopped = Callable[[int], bool]
+"""Whether the answer to prompt i is no longer wanted (its doctor pressed stop or left)."""
+Piece = tuple[int, str | None]
+"""(i, text) for a piece of the answer to prompt i; (i, None) once that answer has ended."""
 
 
 class Engine(Protocol):
@@ -28,6 +34,13 @@ class Engine(Protocol):
 
     def stream(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> Iterator[str]:
         """Text pieces of one answer (greedy when temperature is 0)."""
+        ...
+
+    def stream_together(
+        self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped
+    ) -> Iterator[Piece]:
+        """Pieces of the greedy answers to several prompts, interleaved as they are written; an answer
+        that `stopped` names ends at the next step."""
         ...
 
     def greedy(
@@ -60,19 +73,49 @@ def eos_ids(generation_config: Any) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos or [])
 
 
+class PieceDecoder:
+    """Token ids of one answer, one at a time → the new text each adds (incomplete UTF-8 held back)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._text = ""
+        self._shown = 0
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        self._text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        return "" if self._text.endswith("\ufffd") else self._rest()
+
+    def flush(self) -> str:
+        return self._rest()
+
+    def _rest(self) -> str:
+        piece, self._shown = self._text[self._shown :], len(self._text)
+        return piece
+
+
 def text_pieces(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
     """Decode a stream of token ids into text pieces, holding back incomplete UTF-8 characters."""
-    ids: list[int] = []
-    shown = 0
-    text = ""
+    decoder = PieceDecoder(tokenizer)
     for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > shown:
-            yield text[shown:]
-            shown = len(text)
-    if len(text) > shown:
-        yield text[shown:]
+        if piece := decoder.push(token):
+            yield piece
+    if piece := decoder.flush():
+        yield piece
+
+
+def stream_one_by_one(engine: Engine, prompts: Sequence[list[int]], max_new_tokens: Sequence[int], stopped: Stopped) -> Iterator[Piece]:
+    """`stream_together` for an engine without batched decoding: each answer streamed in turn."""
+    for i, ids in enumerate(prompts):
+        if not stopped(i):
+            pieces = engine.stream(ids, max_new_tokens=max_new_tokens[i], temperature=0.0)
+            with closing(pieces):
+                for piece in pieces:
+                    if stopped(i):
+                        break
+                    yield i, piece
+        yield i, None
 
 
 class TransformersEngine:
@@ -130,6 +173,12 @@ class TransformersEngine:
             thread.join()
         if errors:
             raise errors[0]
+
+    def stream_together(
+        self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped
+    ) -> Iterator[Piece]:
+        """One answer after another (`generate` streams one sequence)."""
+        return stream_one_by_one(self, prompts, max_new_tokens, stopped)
 
     def greedy(
         self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8, on_batch: OnBatch | None = None

@@ -2,11 +2,12 @@
 error instead of the chat server and every doctor's session in it.
 
 `GuardedEngine` starts a child process (spawned, so no native state is shared) that loads the real engine
-and answers one request at a time over a pipe: the pieces of a streamed answer as they come, or the ids of
-a greedy batch. The parent holds only the tokenizer (sent back by the child once loaded), so it builds
-prompts as before. A consumer that stops early sets a stop flag the child checks between pieces. If the
-child dies, the request in flight raises `EngineCrashed` naming the signal, and the next request starts
-a fresh child.
+and answers one request at a time over a pipe: the pieces of a streamed answer (or of several answers
+decoded together) as they come, or the ids of a greedy batch. The parent holds only the tokenizer (sent
+back by the child once loaded), so it builds prompts as before. A consumer that stops early sets a stop
+flag the child checks between pieces; an answer of several that is no longer wanted sets its own flag. If
+the child dies, the request in flight raises `EngineCrashed` naming the signal, and the next request
+starts a fresh child.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from federimed.serving.backend import Engine, OnBatch
+from federimed.serving.backend import Engine, OnBatch, Piece, Stopped
 
 START_TIMEOUT_S = 600.0
 """How long a child may take to load the engine (a first load exports and converts GGUF copies)."""
+MAX_TOGETHER = 32
+"""Most answers one `stream_together` request decodes together."""
 
 
 class EngineCrashed(RuntimeError):
@@ -37,7 +40,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _serve(loader: Callable[[], Engine], conn: Any, stop: Any) -> None:
+def _serve(loader: Callable[[], Engine], conn: Any, stop: Any, stops: Any) -> None:
     """The child: load the engine, then answer requests until the pipe closes."""
     _die_with_parent()
     engine = loader()
@@ -52,6 +55,10 @@ def _serve(loader: Callable[[], Engine], conn: Any, stop: Any) -> None:
                 for piece in engine.stream(**kwargs):
                     if stop.is_set():
                         break
+                    conn.send(("piece", piece))
+                conn.send(("done", None))
+            elif kind == "together":
+                for piece in engine.stream_together(**kwargs, stopped=lambda seq: stop.is_set() or bool(stops[seq])):
                     conn.send(("piece", piece))
                 conn.send(("done", None))
             else:
@@ -72,7 +79,10 @@ class GuardedEngine:
     def _start(self) -> None:
         self._conn, child = self._context.Pipe()
         self._stop = self._context.Event()
-        self._process = self._context.Process(target=_serve, args=(self._loader, child, self._stop), daemon=True)
+        self._stops = self._context.Array("b", MAX_TOGETHER, lock=False)
+        self._process = self._context.Process(
+            target=_serve, args=(self._loader, child, self._stop, self._stops), daemon=True
+        )
         self._process.start()
         child.close()
         kind, value = self._receive(START_TIMEOUT_S, "loading the model")
@@ -108,14 +118,35 @@ class GuardedEngine:
 
     def stream(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> Iterator[str]:
         """Text pieces of one answer, from the child as it writes them."""
+        yield from self._pieces("stream", {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens,
+                                           "temperature": temperature})  # fmt: skip
+
+    def stream_together(
+        self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped
+    ) -> Iterator[Piece]:
+        """Pieces of several greedy answers from the child; an answer `stopped` names is stopped there."""
+        if len(prompts) > MAX_TOGETHER:
+            raise ValueError(f"at most {MAX_TOGETHER} answers together, got {len(prompts)}")
+
+        def forward_stops() -> None:
+            for seq in range(len(prompts)):
+                if not self._stops[seq] and stopped(seq):
+                    self._stops[seq] = 1
+
+        kwargs = {"prompts": [list(p) for p in prompts], "max_new_tokens": list(max_new_tokens)}
+        yield from self._pieces("together", kwargs, forward_stops)
+
+    def _pieces(self, kind: str, kwargs: dict[str, Any], on_message: Callable[[], None] = lambda: None) -> Iterator[Any]:
+        """Send one streaming request and yield the child's pieces until it is done."""
         with self._lock:
             self._ensure_running()
             self._stop.clear()
-            self._conn.send(("stream", {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens,
-                                        "temperature": temperature}))
+            self._stops[:] = bytes(MAX_TOGETHER)
+            self._conn.send((kind, kwargs))
             kind = "piece"
             try:
                 while kind == "piece":
+                    on_message()
                     kind, value = self._receive(START_TIMEOUT_S, "answering")
                     if kind == "piece":
                         yield value

@@ -24,13 +24,13 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from federimed.serving.backend import GENERATE_LOCK, OnBatch, text_pieces
+from federimed.serving.backend import GENERATE_LOCK, OnBatch, Piece, PieceDecoder, Stopped, text_pieces
 
 
 def cpu_threads() -> int:
@@ -120,20 +120,46 @@ class LlamaCppEngine:
         """Greedy answer ids of every prompt, `batch_size` answers decoded together."""
         if not prompts:
             return []
-        from llama_cpp._internals import LlamaBatch
-
         size = min(batch_size, len(prompts))
-        longest = -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // 256) * 256  # llama.cpp pads n_ctx to 256s
         answers: list[list[int]] = []
-        with GENERATE_LOCK, closing(self._context(size, size * longest)) as ctx, closing(
-            LlamaBatch(n_tokens=max(self._llm.n_batch, size), embd=0, n_seq_max=1, verbose=False)
-        ) as batch:
+        with GENERATE_LOCK, self._batch_context(size, prompts, max_new_tokens) as (ctx, batch):
             for start in range(0, len(prompts), size):
                 chunk = prompts[start : start + size]
-                answers += self._decode_together(ctx.ctx, batch, chunk, max_new_tokens)
+                answers_of: list[list[int]] = [[] for _ in chunk]
+                for seq, token in self._together(ctx, batch, chunk, [max_new_tokens] * len(chunk)):
+                    if token is not None:
+                        answers_of[seq].append(token)
+                answers += answers_of
                 if on_batch:
                     on_batch(len(chunk))
         return answers
+
+    def stream_together(
+        self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped
+    ) -> Iterator[Piece]:
+        """Pieces of the greedy answers to `prompts`, decoded together with the main model (the evaluation's
+        path: each answer is the one `greedy` gives it alone). Each prompt's first piece comes as soon as
+        that prompt is read, before the next prompt is read."""
+        decoders = [PieceDecoder(self.tokenizer) for _ in prompts]
+        with GENERATE_LOCK, self._batch_context(len(prompts), prompts, max(max_new_tokens)) as (ctx, batch):
+            for seq, token in self._together(ctx, batch, prompts, max_new_tokens, stopped):
+                if token is None:
+                    if rest := decoders[seq].flush():
+                        yield seq, rest
+                    yield seq, None
+                elif piece := decoders[seq].push(token):
+                    yield seq, piece
+
+    @contextmanager
+    def _batch_context(self, sequences: int, prompts: Sequence[list[int]], max_new_tokens: int) -> Iterator[tuple[Any, Any]]:
+        """A context with room for `sequences` of these prompts and answers, and a llama.cpp batch for it."""
+        from llama_cpp._internals import LlamaBatch
+
+        longest = -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // 256) * 256  # llama.cpp pads n_ctx to 256s
+        with closing(self._context(sequences, sequences * longest)) as ctx, closing(
+            LlamaBatch(n_tokens=max(self._llm.n_batch, sequences), embd=0, n_seq_max=1, verbose=False)
+        ) as batch:
+            yield ctx.ctx, batch
 
     def _context(self, sequences: int, n_ctx: int) -> Any:
         """A llama.cpp context on the loaded model and adapter (llama-cpp-python's `Llama` keeps them in
@@ -157,34 +183,50 @@ class LlamaCppEngine:
                 raise RuntimeError(f"llama.cpp refused the LoRA adapter {self.adapter_gguf} on a second context")
         return context
 
-    def _decode_together(self, ctx: Any, batch: Any, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Read each prompt as sequence 0, 1, …; then decode all answers in step, greedily."""
+    def _together(
+        self, ctx: Any, batch: Any, prompts: Sequence[list[int]], limits: Sequence[int], stopped: Stopped = lambda seq: False
+    ) -> Iterator[tuple[int, int | None]]:
+        """Read each prompt as sequence 0, 1, … and yield its first token at once; then decode all answers in
+        step, greedily, yielding (sequence, token), and (sequence, None) when an answer ends (an end-of-turn
+        token, `limits[sequence]` tokens, or `stopped`)."""
         import llama_cpp
 
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         step = self._llm.n_batch
-        following = []
+        last, produced, active = {}, [0] * len(prompts), []
+
+        def took(seq: int, token: int) -> Iterator[tuple[int, int | None]]:
+            if token not in self._eos:
+                produced[seq] += 1
+                last[seq] = token
+                yield seq, token
+            if token in self._eos or produced[seq] >= limits[seq]:
+                active.remove(seq)
+                yield seq, None
+
         for seq, ids in enumerate(prompts):
+            if stopped(seq):
+                yield seq, None
+                continue
             for offset in range(0, len(ids), step):
                 piece = ids[offset : offset + step]
                 self._fill(batch, [(token, offset + i, seq, offset + i == len(ids) - 1) for i, token in enumerate(piece)])
                 self._decode(ctx, batch)
-            following.append(self._argmax(ctx, batch.n_tokens() - 1))
-        answers: list[list[int]] = [[] for _ in prompts]
+            active.append(seq)
+            yield from took(seq, self._argmax(ctx, batch.n_tokens() - 1))
         positions = [len(p) for p in prompts]
-        active = list(range(len(prompts)))
-        while True:
-            active = [s for s in active if following[s] not in self._eos]
-            for seq in active:
-                answers[seq].append(following[seq])
-            active = [s for s in active if len(answers[s]) < max_new_tokens]
+        while active:
+            for seq in [s for s in active if stopped(s)]:
+                active.remove(seq)
+                yield seq, None
             if not active:
-                return answers
-            self._fill(batch, [(following[seq], positions[seq], seq, True) for seq in active])
+                return
+            stepping = list(active)
+            self._fill(batch, [(last[seq], positions[seq], seq, True) for seq in stepping])
             self._decode(ctx, batch)
-            for row, seq in enumerate(active):
+            for row, seq in enumerate(stepping):
                 positions[seq] += 1
-                following[seq] = self._argmax(ctx, row)
+                yield from took(seq, self._argmax(ctx, row))
 
     @staticmethod
     def _fill(batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:

@@ -1,44 +1,134 @@
-"""First come, first served access to the one engine of a chat server, with each waiting doctor's place in
-line. A doctor whose answer ends, who presses stop or who closes the tab (the task is cancelled) leaves the
-line at once, and everyone behind moves up."""
+"""The doctors' line in front of a chat server's engine: answers waiting when the engine frees up are decoded
+together (`Engine.stream_together`), up to `max_together`, first come first served; each waiting doctor is
+told how many are ahead. A doctor who presses stop or closes the tab (the consumer is cancelled or closed)
+leaves the line at once, or has their answer stopped at the next decoding step while the others go on.
+
+Greedy answers decoded together are the ones each gets alone (tests/test_fast_path.py); a sampled answer
+(temperature > 0) is decoded on its own, in its turn.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from federimed.serving.backend import Engine
 
 OnWait = Callable[[int], Awaitable[None]]
 """Told how many doctors are ahead, each time that number changes while waiting."""
+MAX_TOGETHER = 8
+"""Answers decoded together by default: the measured batches (bench/results/load.json) read every prompt
+before the answers advance together, so a larger batch delays its last doctor's first token."""
 
 
-class TurnQueue:
-    """A FIFO line in front of the engine (one event loop, the chat server's)."""
+@dataclass(eq=False)
+class _Request:
+    engine: Engine
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: bool = False
+    cancelled: bool = False
 
-    def __init__(self) -> None:
-        self._line: list[object] = []
-        self._changed = asyncio.Condition()
+
+class AnswerLine:
+    """Shares engines between the chats of one server (one event loop)."""
+
+    def __init__(self, max_together: int = MAX_TOGETHER) -> None:
+        self.max_together = max_together
+        self._pending: list[_Request] = []
+        self._running: list[_Request] = []
+        self._changed = asyncio.Event()
+        self._worker: asyncio.Task | None = None
 
     @property
     def waiting(self) -> int:
-        """Doctors in line, the one being answered included."""
-        return len(self._line)
+        """Doctors in line, those being answered included."""
+        return len(self._pending) + len(self._running)
 
-    @asynccontextmanager
-    async def turn(self, on_wait: OnWait | None = None) -> AsyncIterator[None]:
-        """Wait for this doctor's turn (telling `on_wait` the place in line), then hold the engine."""
-        ticket = object()
-        self._line.append(ticket)
+    async def stream(
+        self, engine: Engine, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+        on_wait: OnWait | None = None,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        """The pieces of one answer, once its turn comes (telling `on_wait` the place in line until then)."""
+        request = _Request(engine, list(prompt_ids), max_new_tokens, temperature)
+        self._pending.append(request)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work())
         try:
-            async with self._changed:
-                told = None
-                while (ahead := self._line.index(ticket)) > 0:
-                    if on_wait is not None and ahead != told:
-                        told = ahead
-                        await on_wait(ahead)
-                    await self._changed.wait()
-            yield
+            told = None
+            while not request.started:
+                changed = self._changed
+                ahead = len(self._running) + self._pending.index(request)
+                if on_wait is not None and ahead != told and ahead > 0:
+                    told = ahead
+                    await on_wait(ahead)
+                await changed.wait()  # at once if the line moved meanwhile
+            while (item := await request.pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            self._line.remove(ticket)
-            async with self._changed:
-                self._changed.notify_all()
+            request.cancelled = True
+            if request in self._pending:
+                self._pending.remove(request)
+                self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _next_batch(self) -> list[_Request]:
+        """The first request in line, with the greedy ones behind it on the same engine (a sampled one alone)."""
+        first = self._pending[0]
+        if first.temperature > 0:
+            return [first]
+        same = [r for r in self._pending if r.engine is first.engine and r.temperature == 0]
+        return same[: self.max_together]
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._next_batch()
+                for request in batch:
+                    self._pending.remove(request)
+                    request.started = True
+                self._running = batch
+                self._notify()
+                await loop.run_in_executor(None, _decode, loop, batch)
+                self._running = []
+                self._notify()
+        finally:
+            self._worker = None
+
+
+def _decode(loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+    """Run one batch on its engine (a worker thread), handing each piece to its doctor's queue."""
+
+    def hand(request: _Request, item: str | BaseException | None) -> None:
+        loop.call_soon_threadsafe(request.pieces.put_nowait, item)
+
+    engine = batch[0].engine
+    try:
+        if batch[0].temperature > 0:
+            (request,) = batch
+            pieces = engine.stream(request.prompt_ids, max_new_tokens=request.max_new_tokens, temperature=request.temperature)
+            for piece in pieces:
+                if request.cancelled:
+                    pieces.close()
+                    break
+                hand(request, piece)
+            hand(request, None)
+            return
+        together = engine.stream_together(
+            [r.prompt_ids for r in batch], max_new_tokens=[r.max_new_tokens for r in batch],
+            stopped=lambda seq: batch[seq].cancelled,
+        )  # fmt: skip
+        for seq, piece in together:
+            hand(batch[seq], piece)
+    except BaseException as exc:  # noqa: BLE001 - handed to every doctor of the batch, raised in their task
+        for request in batch:
+            hand(request, exc)
