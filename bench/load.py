@@ -11,9 +11,10 @@ tokens/s each doctor sees while their answer streams, the errors, and the paste'
 every doctor's stored history is read back through the server's REST API: it must hold one chat with
 exactly the cases that doctor sent, and nobody else's.
 
-Then, with the server stopped, the alternative to the chat's queue is measured on the same engine: llama.cpp
-batched decoding (the evaluation's path) of N prompts at once, whose first tokens all wait for every prompt
-to be read. Writes bench/results/load.json with the CPU it ran on.
+All of it runs once per `--together` setting of the server (`federimed chat --together N`: 1 answers one
+doctor at a time, a queue; 8, the default, decodes up to 8 waiting answers together), and the answers each
+doctor received are compared across settings (greedy: they must be the same). Writes
+bench/results/load.json with the CPU it ran on.
 
     .venv/bin/python bench/load.py --runs-dir runs --data data/hospitals --index-dir data/guideline-index
 """
@@ -47,6 +48,7 @@ class Turn:
     first_token: float | None = None
     ended: float | None = None
     tokens: int = 0
+    text: str = ""
     error: str | None = None
 
     @property
@@ -98,6 +100,7 @@ class Doctor:
         turn = self.turns[-1]
         turn.first_token = turn.first_token or time.perf_counter()
         turn.tokens += 1
+        turn.text += data.get("token", "")
 
     async def _on_message(self, data: dict) -> None:
         if data.get("isError") and self.turns:
@@ -166,7 +169,7 @@ def history_problems(doctor: Doctor, threads: list[dict]) -> list[str]:
     return problems
 
 
-async def run_level(url: str, level: int, cases: list[str], per_doctor: int, timeout: float) -> dict:
+async def run_level(url: str, level: int, cases: list[str], per_doctor: int, timeout: float) -> tuple[dict, list[str]]:
     """N doctors asking at once (plus one pasting 50,000 characters); their latencies and history checks."""
     doctors = [Doctor(url, f"dr-{level}-{i}") for i in range(level)]
     paster = Doctor(url, f"dr-{level}-paste")
@@ -203,7 +206,7 @@ async def run_level(url: str, level: int, cases: list[str], per_doctor: int, tim
         "paste_50k": {"refused": bool(pasted.error) and "limit" in pasted.error,
                       "reply_s": round((pasted.ended or time.perf_counter()) - pasted.sent, 3), "message": pasted.error},
         "history_problems": problems,
-    }
+    }, [t.text for t in turns]
 
 
 async def warm_up(url: str, case: str) -> None:
@@ -216,32 +219,30 @@ async def warm_up(url: str, case: str) -> None:
         sys.exit(f"the chat could not answer a held-out case: {turn.error}")
 
 
-def batched_alternative(runs_dir: Path, index_dir: Path | None, cases: list[str], levels: list[int], max_new_tokens: int) -> dict:
-    """The engine's batched decoding of N prompts at once: the seconds until every prompt is read (the first
-    token of every doctor), until all N answers end, and the share of answers identical to the same prompt's
-    answer decoded alone (a batch changes how products are split, so rounding, so possibly the answer)."""
-    from federimed.assistant import Assistant
-    from federimed.serving.backend import prompt_ids
+def serve_levels(args: argparse.Namespace, cases: list[str], levels: list[int], together: int) -> tuple[list[dict], list[str]]:
+    """Start the chat server with `--together`, run every level against it; the results and every answer."""
+    from federimed.chat_server import chat_server
+    from federimed.users import UserStore
 
-    assistant = Assistant(adapter="latest", runs_dir=runs_dir, index_dir=index_dir)
-    engine = assistant.model()
-    prompts = [prompt_ids(engine.tokenizer, assistant.prepare_text(assistant.understand(c).text).messages) for c in cases]
-    chunks = {level: [prompts[i % len(prompts)] for i in range(level)] for level in levels}
-    alone = engine.greedy(chunks[max(levels)], max_new_tokens=max_new_tokens, batch_size=1)
-    results = {}
-    for level, chunk in chunks.items():
-        started = time.perf_counter()
-        engine.greedy(chunk, max_new_tokens=1, batch_size=level)
-        read = time.perf_counter() - started
-        started = time.perf_counter()
-        answers = engine.greedy(chunk, max_new_tokens=max_new_tokens, batch_size=level)
-        total = time.perf_counter() - started
-        results[str(level)] = {"first_token_of_every_doctor_s": round(read, 2), "all_answers_s": round(total, 2),
-                               "generated_tokens": sum(len(a) for a in answers),
-                               "prompt_tokens": sum(len(p) for p in chunk),
-                               "same_answer_as_alone": round(sum(a == b for a, b in zip(answers, alone)) / level, 3)}  # fmt: skip
-        print(f"batched {level}: every first token after {read:.1f} s, all answers after {total:.1f} s", flush=True)
-    return results
+    with tempfile.TemporaryDirectory(prefix="federimed-load-", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
+        users = UserStore(folder / "users.db")
+        for level in levels:
+            for name in [*(f"dr-{level}-{i}" for i in range(level)), f"dr-{level}-paste"]:
+                users.add(name, PASSWORD)
+        users.add("dr-warm-up", PASSWORD)
+        options = ("--together", str(together))
+        with chat_server(folder, runs_dir=args.runs_dir.resolve(), index_dir=args.index_dir.resolve(),
+                         users_db=users.path, options=options) as server:  # fmt: skip
+            asyncio.run(warm_up(server.url, cases[0]))
+            results, texts = [], []
+            for level in levels:
+                print(f"--together {together}: {level} simultaneous doctor(s)…", flush=True)
+                result, answers = asyncio.run(run_level(server.url, level, cases, args.cases, args.level_timeout))
+                results.append(result)
+                texts += answers
+                print(json.dumps(result), flush=True)
+    return results, texts
 
 
 def main() -> None:
@@ -252,13 +253,12 @@ def main() -> None:
     parser.add_argument("--levels", default="1,5,10,20", help="simultaneous sessions, comma-separated")
     parser.add_argument("--cases", type=int, default=2, help="cases each doctor sends, one after another")
     parser.add_argument("--level-timeout", type=float, default=600.0, help="seconds a level may run")
+    parser.add_argument("--together", default="1,8", help="`federimed chat --together` settings to compare")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load.json")
     args = parser.parse_args()
 
     from federimed.assistant import DEFAULT_MAX_NEW_TOKENS
-    from federimed.chat_server import chat_server
     from federimed.cpu import this_cpu
-    from federimed.users import UserStore
 
     heldout = sorted(args.data.glob("*/heldout.jsonl"))
     cases = [json.loads(line)["messages"][1]["content"] for path in heldout for line in path.read_text().splitlines() if line.strip()]
@@ -266,33 +266,23 @@ def main() -> None:
         sys.exit(f"no held-out cases under {args.data}: run the demo (or `federimed data`) first")
     levels = [int(n) for n in args.levels.split(",")]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="federimed-load-", ignore_cleanup_errors=True) as tmp:
-        folder = Path(tmp)
-        users = UserStore(folder / "users.db")
-        for level in levels:
-            for name in [*(f"dr-{level}-{i}" for i in range(level)), f"dr-{level}-paste"]:
-                users.add(name, PASSWORD)
-        users.add("dr-warm-up", PASSWORD)
-        with chat_server(folder, runs_dir=args.runs_dir.resolve(), index_dir=args.index_dir.resolve(), users_db=users.path) as server:
-            asyncio.run(warm_up(server.url, cases[0]))
-            results = []
-            for level in levels:
-                print(f"{level} simultaneous doctor(s)…", flush=True)
-                results.append(asyncio.run(run_level(server.url, level, cases, args.cases, args.level_timeout)))
-                print(json.dumps(results[-1]), flush=True)
-    batched = batched_alternative(args.runs_dir, args.index_dir, cases, levels, DEFAULT_MAX_NEW_TOKENS)
+    runs, answers = {}, {}
+    for together in [int(n) for n in args.together.split(",")]:
+        runs[together], answers[together] = serve_levels(args, cases, levels, together)
+    first, *others = answers.values()
     out = {
         "benchmark": "load",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": this_cpu().summary(),
         "cases_per_doctor": args.cases,
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-        "served": "the chat's queue: one engine, doctors answered first come first served",
-        "levels": results,
-        "batched_decoding_alternative": batched,
+        "model": "runs/latest under --runs-dir, greedy, guideline retrieval on",
+        "together": {str(k): v for k, v in runs.items()},
+        "same_answers_across_settings": round(
+            sum(all(o[i] == a for o in others) for i, a in enumerate(first)) / max(1, len(first)), 3),
         "goal": "20 sessions: p95 first token < 5 s, no errors",
         "seconds": round(time.perf_counter() - started, 1),
-    }
+    }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

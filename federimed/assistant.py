@@ -15,6 +15,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -221,6 +222,12 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _alone(together: Iterator[tuple[int, str | None]]) -> Iterator[str]:
+    """The text pieces of a single answer streamed by `Engine.stream_together`."""
+    with closing(together):
+        yield from (piece for _, piece in together if piece is not None)
+
+
 def _log_answer(engine: str, pieces: int, prompt_tokens: int, snippets: int, started: float, first: float | None) -> None:
     """Lengths and timings of one answer (never its text)."""
     log.info(
@@ -337,13 +344,17 @@ class Assistant:
     def generate(
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ) -> Iterator[str]:
-        """Stream the answer to a prepared case, piece by piece (greedy when temperature is 0)."""
+        """Stream the answer to a prepared case, piece by piece: greedy when temperature is 0, by the path
+        the chat's line and the evaluation take (so `ask`, the chat and the evaluation give the same answer)."""
         engine = self.model()
         ids = self.prompt_ids(engine, prepared, max_new_tokens)
         started = time.perf_counter()
         first = None
         pieces = 0
-        stream = engine.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature)
+        if temperature > 0:
+            stream = engine.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature)
+        else:
+            stream = _alone(engine.stream_together([ids], max_new_tokens=[max_new_tokens], stopped=lambda seq: False))
         try:
             for piece in stream:
                 first = first or time.perf_counter()

@@ -33,16 +33,16 @@ class ChatServer:
 
 @contextmanager
 def chat_server(
-    folder: Path, *, runs_dir: Path, index_dir: Path, users_db: Path, startup_s: float = 180.0
+    folder: Path, *, runs_dir: Path, index_dir: Path, users_db: Path, startup_s: float = 180.0, options: tuple[str, ...] = ()
 ) -> Iterator[ChatServer]:
-    """`federimed chat` on a free loopback port with its history in `folder/chainlit.db` and a fresh login
-    secret; stopped (its whole process group) on exit."""
+    """`federimed chat [options]` on a free loopback port with its history in `folder/chainlit.db` and a fresh
+    login secret; stopped (its whole process group) on exit."""
     port, database = free_port(), folder / "chainlit.db"
     env = {k: v for k, v in os.environ.items() if k != "CI"}  # chainlit run behaves differently under CI
     env |= {"FEDERIMED_DATABASE_URL": f"sqlite+aiosqlite:///{database}", "CHAINLIT_AUTH_SECRET": secrets.token_urlsafe(32)}
     command = [
         sys.executable, "-m", "federimed.cli", "chat", "--host", "127.0.0.1", "--port", str(port),
-        "--runs-dir", str(runs_dir), "--index-dir", str(index_dir), "--db", str(users_db),
+        "--runs-dir", str(runs_dir), "--index-dir", str(index_dir), "--db", str(users_db), *options,
     ]  # fmt: skip
     proc = subprocess.Popen(
         command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -324,8 +324,9 @@ def test_fast_logits_match_the_reference_with_and_without_an_adapter(
 @needs_llama
 @pytest.mark.slow
 def test_fast_greedy_answers_agree_with_the_reference_in_recommended_drugs(trained_adapter: Path) -> None:
-    """Evaluation (F16 throughout) gives the reference's drugs (goal 0.95); the chat, whose answers the
-    Q8_0 copy decodes after the F16 copy has read the prompt, comes close."""
+    """Evaluation (F16 throughout, also the chat's greedy path) gives the reference's drugs (goal 0.95); a
+    single stream, whose answer the Q8_0 copy decodes after the F16 copy has read the prompt (sampled chat
+    answers), comes close."""
     vocab = DrugVocabulary.with_common_brands()
     for description in TREATMENTS.values():
         vocab.add_description(description)

@@ -15,6 +15,8 @@ from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.table import Table
 
+from federimed.serving.turns import MAX_TOGETHER
+
 console = Console()
 err = Console(stderr=True)
 users_app = typer.Typer(help="Doctors who may log in to the chat (salted scrypt hashes in a local SQLite file).")
@@ -101,6 +103,9 @@ def chat(
     baselines: Annotated[bool, typer.Option(
         "--baselines", help="For evaluators: also offer the evaluation baselines (local-only, centralized) in "
         "the model menu. Doctors are served the federated model that runs/latest names.")] = False,
+    together: Annotated[int, typer.Option(
+        "--together", min=1, max=32, help="Most doctors' answers decoded together; 1 answers one doctor at a "
+        "time. Greedy answers are the same either way (README, 'Many doctors at once').")] = MAX_TOGETHER,
 ) -> None:
     """Serve the doctors' chat (Chainlit) with password login and per-doctor history; prints the URL."""
     from federimed.model import cache_root
@@ -123,6 +128,7 @@ def chat(
         FEDERIMED_USERS_DB=str(store.path.resolve()),
         CHAINLIT_APP_ROOT=str(app_root()),
         FEDERIMED_CHAT_BASELINES="1" if baselines else "0",
+        FEDERIMED_CHAT_TOGETHER=str(together),
         CHAINLIT_AUTH_SECRET=env.get("CHAINLIT_AUTH_SECRET") or _auth_secret(cache_root() / AUTH_SECRET_FILE),
     )
     if not env.get("FEDERIMED_DATABASE_URL"):

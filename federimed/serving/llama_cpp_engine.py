@@ -3,11 +3,13 @@ LoRA adapter as a GGUF adapter.
 
 It reads the token ids of the Hugging Face chat template (the same prompt as the reference engine),
 stops at the same end-of-turn ids and decodes with the same tokenizer. The main model (the F16 copy)
-reads every prompt: its matrix products are the fastest here and round least. Evaluation decodes with
-it too, its answers in step on a second context holding several sequences: each prompt is read on its
-own, then every unfinished answer advances by one token per llama.cpp batch. The chat streams one
-answer: the main model reads the prompt and picks the first token, then hands its KV cache to a
-decoder (the Q8_0 copy, same architecture and cache layout), which decodes one token at a time faster.
+reads every prompt: its matrix products are the fastest here and round least. Evaluation and the chat's
+greedy answers decode with it too, in step on a second context holding several sequences: each prompt
+is read on its own (its first token out at once), then every unfinished answer advances by one token
+per llama.cpp batch; each answer is the one it gets alone (`federimed ask` streams its greedy answer this
+way too, as a batch of one). A sampled answer (`stream`, temperature > 0): the main model reads the prompt
+and picks the first token, then hands its KV cache to a decoder (the Q8_0 copy, same architecture and cache layout), which decodes one
+token at a time faster.
 
 Every prompt is read from its first token, so an answer depends only on its prompt, not on what was
 asked before. (Reusing the KV cache of a prefix shared with the previous prompt changes how the rest

@@ -90,7 +90,7 @@ def load_engine(
 
 
 def _llama_cpp_engine(settings: ModelSettings, adapter_dir: Path | None, purpose: Purpose) -> Engine:
-    """The served base GGUFs (F16 reads and, for evaluation, decodes; Q8_0 decodes the chat), the served
+    """The served base GGUFs (F16 reads and decodes greedy answers; Q8_0 decodes sampled chat answers), the served
     adapter (exported on first use) and the de-quantised model's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
