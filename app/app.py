@@ -22,7 +22,7 @@ from federimed.serving.turns import AnswerLine
 from federimed.users import UserStore
 
 SETTINGS = chat_ui.AppSettings.from_env()
-LINE = AnswerLine(SETTINGS.together)  # one engine per server: answers waiting together are decoded together
+LINE = AnswerLine(SETTINGS.together)  # one engine per server: doctors in line (federimed chat --together)
 
 
 @cl.data_layer

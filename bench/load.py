@@ -11,9 +11,9 @@ tokens/s each doctor sees while their answer streams, the errors, and the paste'
 every doctor's stored history is read back through the server's REST API: it must hold one chat with
 exactly the cases that doctor sent, and nobody else's.
 
-All of it runs once per `--together` setting of the server (`federimed chat --together N`: 1 answers one
-doctor at a time, a queue; 8, the default, decodes up to 8 waiting answers together), and the answers each
-doctor received are compared across settings (greedy: they must be the same). Writes
+All of it runs once per `--together` setting of the server (`federimed chat --together N`: 1, the default,
+answers one doctor at a time; 8 decodes up to 8 waiting answers together), and the answers each doctor
+received are compared across settings (greedy: they must be the same). Writes
 bench/results/load.json with the CPU it ran on.
 
     .venv/bin/python bench/load.py --runs-dir runs --data data/hospitals --index-dir data/guideline-index

@@ -13,7 +13,7 @@ from federimed.checkpoints import CARE_MODES, LATEST
 from federimed.config import ModelSettings
 from federimed.retrieval import Snippet
 from federimed.free_text import Understood, summary
-from federimed.serving.turns import MAX_TOGETHER
+from federimed.serving.turns import DEFAULT_TOGETHER
 
 CASE_STEP = "De-identification"
 SAFETY_AUTHOR = "Safety check"
@@ -66,7 +66,7 @@ class AppSettings:
     database_url: str | None
     baselines: bool = False
     """Offer evaluation baselines in the model menu (`federimed chat --baselines`)."""
-    together: int = MAX_TOGETHER
+    together: int = DEFAULT_TOGETHER
     """Most doctors' answers decoded together (`federimed chat --together`)."""
 
     @classmethod
@@ -79,7 +79,7 @@ class AppSettings:
             users_db=Path(env("FEDERIMED_USERS_DB")) if env("FEDERIMED_USERS_DB") else None,
             database_url=env("FEDERIMED_DATABASE_URL") or None,
             baselines=env("FEDERIMED_CHAT_BASELINES") == "1",
-            together=int(env("FEDERIMED_CHAT_TOGETHER") or MAX_TOGETHER),
+            together=int(env("FEDERIMED_CHAT_TOGETHER") or DEFAULT_TOGETHER),
         )
 
 

@@ -71,11 +71,30 @@ def test_answers_waiting_together_are_decoded_together_in_order_and_told_their_p
     assert told == {1: [1], 2: [2], 3: [3, 2]}
 
 
+def test_by_default_doctors_are_answered_one_at_a_time_in_order() -> None:
+    engine = RecordingEngine()
+
+    async def scenario() -> None:
+        line = AnswerLine()
+        engine.hold.clear()
+        doctors = [asyncio.create_task(_collect(line, engine, n)) for n in range(3)]
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        assert await asyncio.gather(*doctors) == ["0.0", "1.0", "2.0"]
+
+    asyncio.run(scenario())
+    assert engine.batches == [[0], [1], [2]]
+
+
+async def _collect(line: AnswerLine, engine: RecordingEngine, n: int) -> str:
+    return "".join([p async for p in line.stream(engine, [n], max_new_tokens=1)])
+
+
 def test_a_doctor_who_leaves_frees_the_line_and_a_stop_ends_only_their_answer() -> None:
     engine = RecordingEngine()
 
     async def scenario() -> tuple[dict[int, list[str]], list[list[int]]]:
-        line, got = AnswerLine(), {0: [], 1: [], 2: []}
+        line, got = AnswerLine(max_together=8), {0: [], 1: [], 2: []}
         engine.hold.clear()
 
         async def doctor(n: int, stop_after: int | None = None) -> None:
@@ -112,7 +131,7 @@ def test_an_engine_error_reaches_every_doctor_of_its_batch_and_the_line_goes_on(
     engine = Failing()
 
     async def scenario() -> list[str]:
-        line = AnswerLine()
+        line = AnswerLine(max_together=8)
 
         async def doctor(n: int) -> str:
             try:

@@ -1,6 +1,6 @@
-"""The doctors' line in front of a chat server's engine: answers waiting when the engine frees up are decoded
-together (`Engine.stream_together`), up to `max_together`, first come first served; each waiting doctor is
-told how many are ahead. A doctor who presses stop or closes the tab (the consumer is cancelled or closed)
+"""The doctors' line in front of a chat server's engine, first come first served, each waiting doctor told how
+many are ahead. With `max_together` > 1, answers waiting when the engine frees up are decoded together
+(`Engine.stream_together`), up to that many. A doctor who presses stop or closes the tab (the consumer is cancelled or closed)
 leaves the line at once, or has their answer stopped at the next decoding step while the others go on.
 
 Greedy answers decoded together are the ones each gets alone (tests/test_fast_path.py); a sampled answer
@@ -17,9 +17,12 @@ from federimed.serving.backend import Engine
 
 OnWait = Callable[[int], Awaitable[None]]
 """Told how many doctors are ahead, each time that number changes while waiting."""
-MAX_TOGETHER = 8
-"""Answers decoded together by default: the measured batches (bench/results/load.json) read every prompt
-before the answers advance together, so a larger batch delays its last doctor's first token."""
+DEFAULT_TOGETHER = 1
+"""One answer at a time by default, chosen by measurement (bench/results/load.json, 2-core Xeon): reading
+prompts is most of an answer's cost and a batch reads every prompt before its answers advance, so decoding
+8 together served 20 doctors no faster (86.6 s against 81.4 s), improved the median first token (31 s
+against 39 s) but worsened the 95th percentile (49 s against 40 s), and cut the speed each doctor sees
+from about 27 to 6 tokens/s."""
 
 
 @dataclass(eq=False)
@@ -36,7 +39,7 @@ class _Request:
 class AnswerLine:
     """Shares engines between the chats of one server (one event loop)."""
 
-    def __init__(self, max_together: int = MAX_TOGETHER) -> None:
+    def __init__(self, max_together: int = DEFAULT_TOGETHER) -> None:
         self.max_together = max_together
         self._pending: list[_Request] = []
         self._running: list[_Request] = []
