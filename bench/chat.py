@@ -204,7 +204,7 @@ def main() -> None:
             "load_avg_1_5_15m_after": [round(v, 2) for v in os.getloadavg()],
         },
         "model": reference.version.describe(),
-        "served_adapter": str(fast.model().adapter_gguf),
+        "served_adapter": str(fast.version.adapter_dir / "adapter.gguf"),
         "decoding": "greedy",
         "load_s": loads,
         "chat": {

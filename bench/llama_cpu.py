@@ -135,11 +135,13 @@ def main() -> None:
         "results": results,
         "product_path": {
             "prompt_tokens_per_s_f16_copy": results["served_f16"][picked].get("prompt_tokens_per_s"),
-            "decode_tokens_per_s_q8_0_copy": results["served_q8_0"][picked].get("decode_tokens_per_s"),
+            "greedy_decode_tokens_per_s_f16_copy": results["served_f16"][picked].get("decode_tokens_per_s"),
+            "sampled_decode_tokens_per_s_q8_0_copy": results["served_q8_0"][picked].get("decode_tokens_per_s"),
         },
         "plain_llama_cpp_shipped_gguf": results["shipped_q4_1"][picked],
-        "note": "medians over rounds; the product path reads prompts with the F16 copy "
-        "and decodes the chat with the Q8_0 copy (without adapter here: bench/chat.py measures it end to end)",
+        "note": "medians over rounds; the product path reads prompts with the F16 copy, decodes greedy answers "
+        "(the chat's, ask's, evaluation's) with it too and sampled chat answers with the Q8_0 copy (without "
+        "adapter here: bench/chat.py measures it end to end)",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Tokens per second and peak memory of `train_local` on its own (no Flower), per training configuration.
 
-Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-len L] [--rounds R]`.
+Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-len L] [--rounds R] [--data DIR]`.
 Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or bf16 autocast), the dtype
 the frozen base weights are held in (float32 or bfloat16), and activation checkpointing off or on. Each
 configuration runs in its own child process, so that its peak resident memory is its own: what one
@@ -9,7 +9,9 @@ hospital's training process needs. "+fixed-heap" fixes glibc's mmap threshold
 to fit) with a short answer, as the longest real case dialogues do; tokens counts non-padding tokens. The
 configurations take turns, `--rounds` times, so that a noisy shared machine slows them alike; the median
 of each is reported, with the CPU's model and flags and each run's first loss (the same batch: the
-configurations must agree on it).
+configurations must agree on it). `--data DIR` trains on the real dialogues of DIR/*/train.jsonl instead
+(the demo's hospitals: shorter and of mixed lengths, batched by length as `train_local` does) and writes
+bench/results/train_speed_real.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
+REAL = Path(__file__).parent / "results" / "train_speed_real.json"
 _CASE = "A {age}-year-old patient with {finding}, blood pressure 150/95 mmHg, HbA1c 7.9 %, BMI 31. "
 _FINDINGS = ("essential hypertension", "type 2 diabetes", "hyperlipidemia", "acute bronchitis", "COPD")
 _ANSWERS = ("lisinopril 10 MG Oral Tablet", "metformin hydrochloride 500 MG", "simvastatin 20 MG", "amoxicillin")
@@ -58,7 +61,17 @@ def synthetic_examples(tokenizer, count: int, seq_len: int):
     return encode_dialogues(tokenizer, dialogues, seq_len)
 
 
-def child(config: str, steps: int, batch_size: int, seq_len: int) -> dict:
+def real_examples(tokenizer, data: Path, seq_len: int):
+    """Every training dialogue of the hospitals under `data`."""
+    from federimed.training import encode_dialogues, load_dialogues
+
+    dialogues = [d for path in sorted(data.glob("*/train.jsonl")) for d in load_dialogues(path)]
+    if not dialogues:
+        raise SystemExit(f"no */train.jsonl under {data}")
+    return encode_dialogues(tokenizer, dialogues, seq_len)
+
+
+def child(config: str, steps: int, batch_size: int, seq_len: int, data: Path | None) -> dict:
     """One configuration in this process: a warm-up step, then `steps` timed steps."""
     from federimed.config import LoraSettings, ModelSettings, TrainSettings
     from federimed.memory import peak_rss_mb, return_freed_memory
@@ -71,7 +84,7 @@ def child(config: str, steps: int, batch_size: int, seq_len: int) -> dict:
     model, tokenizer = load_base(ModelSettings(dtype=dtype))
     model = add_lora(model, LoraSettings(), seed=0)
     settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing)
-    examples = synthetic_examples(tokenizer, 4 * batch_size, seq_len)
+    examples = real_examples(tokenizer, data, seq_len) if data else synthetic_examples(tokenizer, 4 * batch_size, seq_len)
     first = train_local(model, tokenizer, examples, settings, steps=1)
     result = train_local(model, tokenizer, examples, settings, steps=steps, start_step=1, total_steps=steps + 1)
     return {"tokens_per_s": result.tokens_per_s, "seconds_per_step": result.seconds / steps,
@@ -86,11 +99,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON file")
+    parser.add_argument("--data", type=Path, default=None, help="train on DIR/*/train.jsonl instead of synthetic dialogues")
+    parser.add_argument("--out", type=Path, default=None, help=f"results JSON file [default: {RESULTS.name}, or {REAL.name} with --data]")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len)))
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len, args.data)))
         return
+    out_path = args.out or (REAL if args.data else RESULTS)
 
     import torch
 
@@ -102,6 +117,7 @@ def main() -> None:
         for config in configs:
             argv = [sys.executable, __file__, "--child", config, "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            argv += ["--data", str(args.data)] if args.data else []
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             samples[config].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {round_number + 1} {config}: {samples[config][-1]}", flush=True)
@@ -122,14 +138,15 @@ def main() -> None:
         "rounds": args.rounds,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "dialogues": f"real: {args.data}/*/train.jsonl" if args.data else "synthetic, each filling seq_len",
         "cpu": this_cpu().summary(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m_after": round(os.getloadavg()[0], 1),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["configurations"], indent=2))
 
 

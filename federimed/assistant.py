@@ -368,9 +368,9 @@ class Assistant:
         self, prepared: Prepared, *, temperature: float = 0.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         line: AnswerLine | None = None, on_wait: OnWait | None = None,
     ) -> AsyncIterator[str]:  # fmt: skip
-        """`generate` for async code, through `line`: the chat server's line, where greedy answers waiting at
-        the same time are decoded together (each the answer it gets alone) and `on_wait` hears the place in
-        line; a line of its own when None. Stops generating when the consumer stops."""
+        """`generate` for async code, through `line`: the chat server's line, where doctors wait their turn
+        (`on_wait` hears the place in line) and greedy answers may be decoded together, each the answer it
+        gets alone; a line of its own when None. Stops generating when the consumer stops."""
         engine = await asyncio.to_thread(self.model)
         ids = self.prompt_ids(engine, prepared, max_new_tokens)
         started = time.perf_counter()

@@ -26,13 +26,17 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from federimed.serving.backend import GENERATE_LOCK, OnBatch, Piece, PieceDecoder, Stopped, text_pieces
+
+
+CONTEXT_STEP = 1024
+"""Room for each sequence of a batch context, in steps of this many tokens (llama.cpp pads to 256s)."""
 
 
 def cpu_threads() -> int:
@@ -59,6 +63,7 @@ class LlamaCppEngine:
         self._threads = threads or cpu_threads()
         self._llm = self._load(base_gguf)
         self._decoder = self._load(decoder_gguf) if decoder_gguf else None
+        self._batch: tuple[int, int, Any, Any] | None = None  # sequences, tokens each, context, batch
 
     def _load(self, gguf: Path) -> Any:
         from federimed.serving.llama_runtime import load_llama
@@ -124,7 +129,8 @@ class LlamaCppEngine:
             return []
         size = min(batch_size, len(prompts))
         answers: list[list[int]] = []
-        with GENERATE_LOCK, self._batch_context(size, prompts, max_new_tokens) as (ctx, batch):
+        with GENERATE_LOCK:
+            ctx, batch = self._batch_context(size, prompts, max_new_tokens)
             for start in range(0, len(prompts), size):
                 chunk = prompts[start : start + size]
                 answers_of: list[list[int]] = [[] for _ in chunk]
@@ -143,7 +149,8 @@ class LlamaCppEngine:
         path: each answer is the one `greedy` gives it alone). Each prompt's first piece comes as soon as
         that prompt is read, before the next prompt is read."""
         decoders = [PieceDecoder(self.tokenizer) for _ in prompts]
-        with GENERATE_LOCK, self._batch_context(len(prompts), prompts, max(max_new_tokens)) as (ctx, batch):
+        with GENERATE_LOCK:
+            ctx, batch = self._batch_context(len(prompts), prompts, max(max_new_tokens))
             for seq, token in self._together(ctx, batch, prompts, max_new_tokens, stopped):
                 if token is None:
                     if rest := decoders[seq].flush():
@@ -152,16 +159,25 @@ class LlamaCppEngine:
                 elif piece := decoders[seq].push(token):
                     yield seq, piece
 
-    @contextmanager
-    def _batch_context(self, sequences: int, prompts: Sequence[list[int]], max_new_tokens: int) -> Iterator[tuple[Any, Any]]:
-        """A context with room for `sequences` of these prompts and answers, and a llama.cpp batch for it."""
+    def _batch_context(self, sequences: int, prompts: Sequence[list[int]], max_new_tokens: int) -> tuple[Any, Any]:
+        """A context with room for `sequences` of these prompts and answers, and a llama.cpp batch for it: the
+        last ones made, kept while big enough (making a context takes longer than reading a short prompt)."""
         from llama_cpp._internals import LlamaBatch
 
-        longest = -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // 256) * 256  # llama.cpp pads n_ctx to 256s
-        with closing(self._context(sequences, sequences * longest)) as ctx, closing(
-            LlamaBatch(n_tokens=max(self._llm.n_batch, sequences), embd=0, n_seq_max=1, verbose=False)
-        ) as batch:
-            yield ctx.ctx, batch
+        per_sequence = max(CONTEXT_STEP, -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // CONTEXT_STEP) * CONTEXT_STEP)
+        kept = self._batch
+        if kept is None or kept[0] != sequences or kept[1] < per_sequence:
+            self._close_batch()
+            context = self._context(sequences, sequences * per_sequence)
+            batch = LlamaBatch(n_tokens=max(self._llm.n_batch, sequences), embd=0, n_seq_max=1, verbose=False)
+            self._batch = kept = (sequences, per_sequence, context, batch)
+        return kept[2].ctx, kept[3]
+
+    def _close_batch(self) -> None:
+        if self._batch is not None:
+            self._batch[2].close()
+            self._batch[3].close()
+            self._batch = None
 
     def _context(self, sequences: int, n_ctx: int) -> Any:
         """A llama.cpp context on the loaded model and adapter (llama-cpp-python's `Llama` keeps them in
@@ -265,6 +281,7 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Free the llama.cpp models and contexts now rather than at garbage collection."""
+        self._close_batch()
         self._llm.close()
         if self._decoder is not None:
             self._decoder.close()
