@@ -8,8 +8,8 @@ greedy answers decode with it too, in step on a second context holding several s
 is read on its own (its first token out at once), then every unfinished answer advances by one token
 per llama.cpp batch; each answer is the one it gets alone (`federimed ask` streams its greedy answer this
 way too, as a batch of one). A sampled answer (`stream`, temperature > 0): the main model reads the prompt
-and picks the first token, then hands its KV cache to a decoder (the Q8_0 copy, same architecture and cache layout), which decodes one
-token at a time faster.
+and picks the first token, then hands its KV cache to a decoder (the Q8_0 copy, same architecture and
+cache layout), which decodes one token at a time faster.
 
 Every prompt is read from its first token, so an answer depends only on its prompt, not on what was
 asked before. (Reusing the KV cache of a prefix shared with the previous prompt changes how the rest
