@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from contextlib import aclosing
 from typing import Any
 
 import chainlit as cl
@@ -120,6 +121,8 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
     answer, waiting = cl.Message(content=""), cl.Message(content="", author=chat_ui.QUEUE_AUTHOR)
 
     async def show_place(ahead: int) -> None:
+        if ahead == 0:
+            return await end_wait()
         shown = bool(waiting.content)
         waiting.content = chat_ui.queue_text(ahead)
         await (waiting.update() if shown else waiting.send())
@@ -129,16 +132,17 @@ async def _answer(assistant: Assistant, case_text: str, settings: dict[str, Any]
             waiting.content = ""
             await waiting.remove()
 
+    pieces = assistant.astream(
+        Prepared.of(case_text, snippets),
+        temperature=float(settings["temperature"]),
+        max_new_tokens=int(settings["max_tokens"]),
+        line=LINE,
+        on_wait=show_place,
+    )
     try:
-        async for piece in assistant.astream(
-            Prepared.of(case_text, snippets),
-            temperature=float(settings["temperature"]),
-            max_new_tokens=int(settings["max_tokens"]),
-            line=LINE,
-            on_wait=show_place,
-        ):
-            await end_wait()
-            await answer.stream_token(piece)
+        async with aclosing(pieces):  # stop or a closed tab leaves the line at once
+            async for piece in pieces:
+                await answer.stream_token(piece)
     except CaseError as exc:
         await cl.ErrorMessage(content=f"**The case could not be answered:** {exc}").send()
         return

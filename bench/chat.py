@@ -43,7 +43,7 @@ from federimed.evaluation.runner import HeldoutCase, load_heldout
 from federimed.model import resolve_base
 from federimed.serving.backend import Engine, answer_text, prompt_ids
 from federimed.cpu import extra_buffers_safe, this_cpu
-from federimed.serving.gguf_lora import served_base
+from federimed.serving.gguf_lora import SERVED_FILE, served_base
 from federimed.serving.llama_cpp_engine import cpu_threads
 from federimed.serving.llama_runtime import load_llama
 from federimed.serving.select import load_engine
@@ -204,7 +204,7 @@ def main() -> None:
             "load_avg_1_5_15m_after": [round(v, 2) for v in os.getloadavg()],
         },
         "model": reference.version.describe(),
-        "served_adapter": str(fast.version.adapter_dir / "adapter.gguf"),
+        "served_adapter": str(fast.version.adapter_dir / SERVED_FILE),
         "decoding": "greedy",
         "load_s": loads,
         "chat": {

@@ -13,9 +13,10 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -170,6 +171,9 @@ def resolve_version(spec: str | Path | None, runs_dir: Path) -> tuple[ModelVersi
     return ModelVersion(str(path), adapter_dir=Path(path)), None
 
 
+_LOADING = threading.Lock()
+
+
 @lru_cache(maxsize=4)
 def _load(settings_json: str, adapter_dir: str | None, engine: str) -> Engine:
     """The engine of one version, once per process; llama.cpp (native code) runs in its own process
@@ -266,7 +270,8 @@ class Assistant:
         """The generation engine of this version (llama.cpp or transformers, see `federimed.serving.select`),
         loaded once per process, version and engine; a checkpoint is exported for llama.cpp on first use."""
         adapter = str(self.version.adapter_dir) if self.version.adapter_dir else None
-        return _load(self.settings.model_dump_json(), adapter, self.engine)
+        with _LOADING:  # two doctors asking at once on a fresh server load it once
+            return _load(self.settings.model_dump_json(), adapter, self.engine)
 
     def index(self) -> GuidelineIndex:
         """The guideline index: `index_dir` when given, else the default one (built on first use);
@@ -376,12 +381,14 @@ class Assistant:
         started = time.perf_counter()
         first = None
         pieces = 0
-        async for piece in (line or AnswerLine()).stream(
+        stream = (line or AnswerLine()).stream(
             engine, ids, max_new_tokens=max_new_tokens, temperature=temperature, on_wait=on_wait
-        ):
-            first = first or time.perf_counter()
-            pieces += 1
-            yield piece
+        )
+        async with aclosing(stream):  # a doctor who stops leaves the line now, not at garbage collection
+            async for piece in stream:
+                first = first or time.perf_counter()
+                pieces += 1
+                yield piece
         _log_answer(engine.name, pieces, len(ids), len(prepared.snippets), started, first)
 
     def stream(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 from federimed.serving.backend import Piece, Stopped
@@ -22,20 +23,23 @@ class RecordingEngine:
         self.batches: list[list[int]] = []
         self.hold = threading.Event()
         self.hold.set()
-        self.steps_after_stop: dict[int, int] = {}
+        self.ended_at: dict[int, int] = {}  # prompt → the step at which its answer ended
 
     def stream_together(self, prompts: Sequence[list[int]], *, max_new_tokens: Sequence[int], stopped: Stopped) -> Iterator[Piece]:
         self.batches.append([p[0] for p in prompts])
         self.hold.wait(5)
         live = set(range(len(prompts)))
         for step in range(max(max_new_tokens)):
+            time.sleep(0.005)  # a decoding step
             for seq in sorted(live):
                 if stopped(seq) or step >= max_new_tokens[seq]:
                     live.discard(seq)
+                    self.ended_at[prompts[seq][0]] = step
                     yield seq, None
                     continue
                 yield seq, f"{prompts[seq][0]}.{step}"
         for seq in sorted(live):
+            self.ended_at[prompts[seq][0]] = max(max_new_tokens)
             yield seq, None
 
     def stream(self, prompt_ids, *, max_new_tokens, temperature):
@@ -68,7 +72,7 @@ def test_answers_waiting_together_are_decoded_together_in_order_and_told_their_p
     answers, told = asyncio.run(scenario())
     assert answers == {n: f"{n}.0|{n}.1" for n in range(4)}
     assert engine.batches == [[0], [1, 2], [3]]  # at most 2 together, first come first served
-    assert told == {1: [1], 2: [2], 3: [3, 2]}
+    assert told == {1: [1, 0], 2: [2, 0], 3: [3, 2, 0]}  # 0: the turn has come
 
 
 def test_by_default_doctors_are_answered_one_at_a_time_in_order() -> None:
@@ -119,6 +123,7 @@ def test_a_doctor_who_leaves_frees_the_line_and_a_stop_ends_only_their_answer() 
     got, batches = asyncio.run(scenario())
     assert batches == [[0], [1, 2]]  # the doctor who left was never answered
     assert got[1] == ["1.0", "1.1", "1.2"] and len(got[2]) == 50  # the stop ended one answer, not the other
+    assert engine.ended_at[1] < 10 and engine.ended_at[2] == 50, engine.ended_at  # the engine saw the stop
 
 
 def test_an_engine_error_reaches_every_doctor_of_its_batch_and_the_line_goes_on() -> None:

@@ -91,10 +91,11 @@ class GuardedEngine:
         inner, self.tokenizer, self.context_length = value
         self.name = f"{inner} (own process)"
 
-    def _receive(self, timeout: float, doing: str) -> tuple[str, Any]:
-        """The child's next message; `EngineCrashed` if it dies first."""
+    def _receive(self, timeout: float, doing: str, on_poll: Callable[[], None] = lambda: None) -> tuple[str, Any]:
+        """The child's next message (`on_poll` is called every 0.1 s meanwhile); `EngineCrashed` if it dies first."""
         waited = 0.0
         while not self._conn.poll(0.1):
+            on_poll()
             waited += 0.1
             if not self._process.is_alive() or waited > timeout:
                 break
@@ -147,7 +148,7 @@ class GuardedEngine:
             try:
                 while kind == "piece":
                     on_message()
-                    kind, value = self._receive(START_TIMEOUT_S, "answering")
+                    kind, value = self._receive(START_TIMEOUT_S, "answering", on_message)
                     if kind == "piece":
                         yield value
             except EngineCrashed:

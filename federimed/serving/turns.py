@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from federimed.serving.backend import Engine
 
 OnWait = Callable[[int], Awaitable[None]]
-"""Told how many doctors are ahead, each time that number changes while waiting."""
+"""Told how many doctors are ahead, each time that number changes while waiting, and 0 when the turn comes
+(only to a doctor who was told a place)."""
 DEFAULT_TOGETHER = 1
 """One answer at a time by default, chosen by measurement (bench/results/load.json, 2-core Xeon): reading
 prompts is most of an answer's cost and a batch reads every prompt before its answers advance, so decoding
@@ -69,6 +71,8 @@ class AnswerLine:
                     told = ahead
                     await on_wait(ahead)
                 await changed.wait()  # at once if the line moved meanwhile
+            if on_wait is not None and told is not None:
+                await on_wait(0)  # this doctor's turn has come
             while (item := await request.pieces.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
@@ -84,12 +88,16 @@ class AnswerLine:
         self._changed = asyncio.Event()
 
     def _next_batch(self) -> list[_Request]:
-        """The first request in line, with the greedy ones behind it on the same engine (a sampled one alone)."""
-        first = self._pending[0]
-        if first.temperature > 0:
-            return [first]
-        same = [r for r in self._pending if r.engine is first.engine and r.temperature == 0]
-        return same[: self.max_together]
+        """The first request in line, with the greedy ones right behind it on the same engine (a sampled one
+        alone): nobody is answered before someone who came first."""
+        batch = [self._pending[0]]
+        if batch[0].temperature > 0:
+            return batch
+        for request in self._pending[1 : self.max_together]:
+            if request.engine is not batch[0].engine or request.temperature > 0:
+                break
+            batch.append(request)
+        return batch
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,20 +126,22 @@ def _decode(loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
     try:
         if batch[0].temperature > 0:
             (request,) = batch
-            pieces = engine.stream(request.prompt_ids, max_new_tokens=request.max_new_tokens, temperature=request.temperature)
-            for piece in pieces:
-                if request.cancelled:
-                    pieces.close()
-                    break
-                hand(request, piece)
+            if not request.cancelled:
+                pieces = engine.stream(request.prompt_ids, max_new_tokens=request.max_new_tokens, temperature=request.temperature)
+                with closing(pieces):
+                    for piece in pieces:
+                        if request.cancelled:
+                            break
+                        hand(request, piece)
             hand(request, None)
             return
         together = engine.stream_together(
             [r.prompt_ids for r in batch], max_new_tokens=[r.max_new_tokens for r in batch],
             stopped=lambda seq: batch[seq].cancelled,
         )  # fmt: skip
-        for seq, piece in together:
-            hand(batch[seq], piece)
+        with closing(together):
+            for seq, piece in together:
+                hand(batch[seq], piece)
     except BaseException as exc:  # noqa: BLE001 - handed to every doctor of the batch, raised in their task
         for request in batch:
             hand(request, exc)
