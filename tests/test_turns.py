@@ -75,11 +75,11 @@ def test_answers_waiting_together_are_decoded_together_in_order_and_told_their_p
     assert told == {1: [1, 0], 2: [2, 0], 3: [3, 2, 0]}  # 0: the turn has come
 
 
-def test_by_default_doctors_are_answered_one_at_a_time_in_order() -> None:
+def test_with_max_together_1_doctors_are_answered_one_at_a_time_in_order() -> None:
     engine = RecordingEngine()
 
     async def scenario() -> None:
-        line = AnswerLine()
+        line = AnswerLine(max_together=1)
         engine.hold.clear()
         doctors = [asyncio.create_task(_collect(line, engine, n)) for n in range(3)]
         await asyncio.sleep(0.05)

@@ -104,9 +104,8 @@ def chat(
         "--baselines", help="For evaluators: also offer the evaluation baselines (local-only, centralized) in "
         "the model menu. Doctors are served the federated model that runs/latest names.")] = False,
     together: Annotated[int, typer.Option(
-        "--together", min=1, max=32, help="Most doctors' answers decoded together (1: one at a time, the measured "
-        "best 95th-percentile wait on 2 cores). Greedy answers are the same either way (README, 'Many doctors "
-        "at once').")] = DEFAULT_TOGETHER,
+        "--together", min=1, max=32, help="Most doctors' answers decoded together (1: one at a time). Greedy "
+        "answers are the same either way (README, 'Many doctors at once').")] = DEFAULT_TOGETHER,
 ) -> None:
     """Serve the doctors' chat (Chainlit) with password login and per-doctor history; prints the URL."""
     from federimed.model import cache_root

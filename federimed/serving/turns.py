@@ -19,12 +19,11 @@ from federimed.serving.backend import Engine
 OnWait = Callable[[int], Awaitable[None]]
 """Told how many doctors are ahead, each time that number changes while waiting, and 0 when the turn comes
 (only to a doctor who was told a place)."""
-DEFAULT_TOGETHER = 1
-"""One answer at a time by default, chosen by measurement (bench/results/load.json, 2-core Xeon): reading
-prompts is most of an answer's cost and a batch reads every prompt before its answers advance, so decoding
-8 together served 20 doctors no faster (86.6 s against 81.4 s), improved the median first token (31 s
-against 39 s) but worsened the 95th percentile (49 s against 40 s), and cut the speed each doctor sees
-from about 27 to 6 tokens/s."""
+DEFAULT_TOGETHER = 8
+"""Up to 8 answers decoded together by default, chosen by measurement (bench/results/load.json, 2-core
+Intel Xeon): against one at a time, 20 doctors were served in 56 s instead of 70, with first tokens at
+20.6 s median and 31.9 s 95th percentile instead of 32.9 and 34.7; each doctor's answer streams at about
+9 tokens/s instead of 30 (10 doctors: 95th percentile 20.7 s against 16.6, the one level where it lost)."""
 
 
 @dataclass(eq=False)
