@@ -1,7 +1,8 @@
 """The doctors' line in front of a chat server's engine, first come first served, each waiting doctor told how
 many are ahead. With `max_together` > 1, answers waiting when the engine frees up are decoded together
-(`Engine.stream_together`), up to that many. A doctor who presses stop or closes the tab (the consumer is cancelled or closed)
-leaves the line at once, or has their answer stopped at the next decoding step while the others go on.
+(`Engine.stream_together`), up to that many. A doctor who presses stop or closes the tab (the consumer is
+cancelled or closed) leaves the line at once, or has their answer stopped at the next decoding step while
+the others go on.
 
 Greedy answers decoded together are the ones each gets alone (tests/test_fast_path.py); a sampled answer
 (temperature > 0) is decoded on its own, in its turn.
