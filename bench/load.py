@@ -38,6 +38,12 @@ sys.path.insert(0, str(REPO))
 
 PASSWORD = "load-test-password"
 PASTE_CHARS = 50_000
+WARM_UP = "dr-warm-up"
+
+
+def doctor_names(level: int) -> list[str]:
+    """The logins of one level: its asking doctors, then the one who pastes 50,000 characters."""
+    return [*(f"dr-{level}-{i}" for i in range(level)), f"dr-{level}-paste"]
 
 
 @dataclass
@@ -171,8 +177,7 @@ def history_problems(doctor: Doctor, threads: list[dict]) -> list[str]:
 
 async def run_level(url: str, level: int, cases: list[str], per_doctor: int, timeout: float) -> tuple[dict, dict[tuple, str]]:
     """N doctors asking at once (plus one pasting 50,000 characters); their latencies and history checks."""
-    doctors = [Doctor(url, f"dr-{level}-{i}") for i in range(level)]
-    paster = Doctor(url, f"dr-{level}-paste")
+    *doctors, paster = (Doctor(url, name) for name in doctor_names(level))
     await asyncio.gather(*(d.open() for d in [*doctors, paster]))
     deadline = time.perf_counter() + timeout
 
@@ -211,7 +216,7 @@ async def run_level(url: str, level: int, cases: list[str], per_doctor: int, tim
 
 async def warm_up(url: str, case: str) -> None:
     """One answer before timing: the first chat loads the model."""
-    doctor = Doctor(url, "dr-warm-up")
+    doctor = Doctor(url, WARM_UP)
     await doctor.open()
     turn = await doctor.ask(case, 600)
     await doctor.close()
@@ -228,9 +233,9 @@ def serve_levels(args: argparse.Namespace, cases: list[str], levels: list[int], 
         folder = Path(tmp)
         users = UserStore(folder / "users.db")
         for level in levels:
-            for name in [*(f"dr-{level}-{i}" for i in range(level)), f"dr-{level}-paste"]:
+            for name in doctor_names(level):
                 users.add(name, PASSWORD)
-        users.add("dr-warm-up", PASSWORD)
+        users.add(WARM_UP, PASSWORD)
         options = ("--together", str(together))
         with chat_server(folder, runs_dir=args.runs_dir.resolve(), index_dir=args.index_dir.resolve(),
                          users_db=users.path, options=options) as server:  # fmt: skip
