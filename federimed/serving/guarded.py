@@ -137,14 +137,15 @@ class GuardedEngine:
         kwargs = {"prompts": [list(p) for p in prompts], "max_new_tokens": list(max_new_tokens)}
         yield from self._pieces("together", kwargs, forward_stops)
 
-    def _pieces(self, kind: str, kwargs: dict[str, Any], on_message: Callable[[], None] = lambda: None) -> Iterator[Any]:
-        """Send one streaming request and yield the child's pieces until it is done."""
+    def _pieces(self, request: str, kwargs: dict[str, Any], on_message: Callable[[], None] = lambda: None) -> Iterator[Any]:
+        """Send one streaming request and yield the child's pieces until it is done (`on_message` is called
+        before each message is awaited and while it is)."""
         with self._lock:
             self._ensure_running()
             self._stop.clear()
             self._stops[:] = bytes(MAX_TOGETHER)
-            self._conn.send((kind, kwargs))
-            kind = "piece"
+            self._conn.send((request, kwargs))
+            kind = "piece"  # of the child's last message
             try:
                 while kind == "piece":
                     on_message()
