@@ -2,7 +2,9 @@
 
 Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-len L] [--rounds R] [--data DIR]`.
 Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or bf16 autocast), the dtype
-the frozen base weights are held in (float32 or bfloat16), and activation checkpointing off or on. Each
+the frozen base weights are held in (float32 or bfloat16), activation checkpointing off or on, and the
+attention kernel (`TrainSettings.attention`: eager, or "+sdpa" torch's fused one; the product's "auto" is
+eager for bf16 and sdpa for fp32 on a CPU). Each
 configuration runs in its own child process, so that its peak resident memory is its own: what one
 hospital's training process needs. "+fixed-heap" fixes glibc's mmap threshold
 (`federimed.memory.return_freed_memory`, which the checkpointing configurations always do). Every synthetic dialogue fills `seq_len` tokens (its case text is cut
@@ -30,14 +32,16 @@ REAL = Path(__file__).parent / "results" / "train_speed_real.json"
 _CASE = "A {age}-year-old patient with {finding}, blood pressure 150/95 mmHg, HbA1c 7.9 %, BMI 31. "
 _FINDINGS = ("essential hypertension", "type 2 diabetes", "hyperlipidemia", "acute bronchitis", "COPD")
 _ANSWERS = ("lisinopril 10 MG Oral Tablet", "metformin hydrochloride 500 MG", "simvastatin 20 MG", "amoxicillin")
-CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, fixed mmap threshold)
-    "fp32": ("fp32", "float32", False, False),
-    "bf16": ("bf16", "float32", False, False),
-    "bf16+fixed-heap": ("bf16", "float32", False, True),
-    "bf16+bf16-weights": ("bf16", "bfloat16", False, False),
-    "fp32+checkpointing": ("fp32", "float32", True, True),
-    "bf16+checkpointing": ("bf16", "float32", True, True),
-    "bf16+bf16-weights+checkpointing": ("bf16", "bfloat16", True, True),
+CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, fixed mmap threshold, attention)
+    "fp32": ("fp32", "float32", False, False, "eager"),
+    "bf16": ("bf16", "float32", False, False, "eager"),
+    "fp32+sdpa": ("fp32", "float32", False, False, "sdpa"),
+    "bf16+sdpa": ("bf16", "float32", False, False, "sdpa"),
+    "bf16+fixed-heap": ("bf16", "float32", False, True, "eager"),
+    "bf16+bf16-weights": ("bf16", "bfloat16", False, False, "eager"),
+    "fp32+checkpointing": ("fp32", "float32", True, True, "eager"),
+    "bf16+checkpointing": ("bf16", "float32", True, True, "eager"),
+    "bf16+bf16-weights+checkpointing": ("bf16", "bfloat16", True, True, "eager"),
 }
 
 
@@ -78,12 +82,13 @@ def child(config: str, steps: int, batch_size: int, seq_len: int, data: Path | N
     from federimed.model import add_lora, load_base
     from federimed.training import train_local
 
-    precision, dtype, checkpointing, fixed_heap = CONFIGS[config]
+    precision, dtype, checkpointing, fixed_heap, attention = CONFIGS[config]
     if fixed_heap:
         return_freed_memory()
     model, tokenizer = load_base(ModelSettings(dtype=dtype))
     model = add_lora(model, LoraSettings(), seed=0)
-    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing)
+    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing,
+                             attention=attention)
     examples = real_examples(tokenizer, data, seq_len) if data else synthetic_examples(tokenizer, 4 * batch_size, seq_len)
     first = train_local(model, tokenizer, examples, settings, steps=1)
     result = train_local(model, tokenizer, examples, settings, steps=steps, start_step=1, total_steps=steps + 1)
@@ -125,7 +130,7 @@ def main() -> None:
         "configurations": {
             name: {
                 "precision": CONFIGS[name][0], "base_weights": CONFIGS[name][1], "checkpointing": CONFIGS[name][2],
-                "fixed_mmap_threshold": CONFIGS[name][3],
+                "fixed_mmap_threshold": CONFIGS[name][3], "attention": CONFIGS[name][4],
                 "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in runs), 1),
                 "seconds_per_step": round(statistics.median(s["seconds_per_step"] for s in runs), 3),
                 "peak_rss_mb": max(s["peak_rss_mb"] for s in runs),

@@ -123,13 +123,13 @@ def _run(
             "tokens": result.tokens,
             "seconds": round(result.seconds, 2),
             "peak_rss_mb": peak_rss_mb(),
-        } | _heldout_metrics(model, heldout, settings.eval_batch_size)
+        } | _heldout_metrics(model, heldout, settings)
         save_round(run, round_num, model, metrics)
         log.info("%s round %d: train loss %.3f, held-out %s", mode, round_num, result.loss, metrics.get("heldout_loss"))
     return run
 
 
-def _heldout_metrics(model, heldout: Mapping[str, list[Example]], batch_size: int) -> dict:
+def _heldout_metrics(model, heldout: Mapping[str, list[Example]], settings: RunSettings) -> dict:
     """Held-out loss per hospital and pooled over all their answer tokens (None where a set is empty)."""
     hospitals, total, tokens = {}, 0.0, 0
     for hospital, examples in heldout.items():
@@ -137,7 +137,7 @@ def _heldout_metrics(model, heldout: Mapping[str, list[Example]], batch_size: in
             log.warning("hospital %r has an empty held-out set; no held-out loss for it", hospital)
             hospitals[hospital] = {"heldout_loss": None, "heldout_tokens": 0}
             continue
-        loss, n = evaluate_loss(model, examples, batch_size)
+        loss, n = evaluate_loss(model, examples, settings.eval_batch_size, settings.train.precision)
         hospitals[hospital] = {"heldout_loss": loss, "heldout_tokens": n}
         total, tokens = total + loss * n, tokens + n
     return {"heldout_loss": total / tokens if tokens else None, "heldout_tokens": tokens, "hospitals": hospitals}

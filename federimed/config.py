@@ -111,6 +111,11 @@ class TrainSettings(_Settings):
         "auto", pattern="^(auto|fp32|bf16)$",
         description="matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16), fp32 or bf16",
     )
+    attention: str = Field(
+        "auto", pattern="^(auto|eager|sdpa)$",
+        description="attention kernel in training: auto (eager where a CPU trains in bf16, the model's own "
+        "elsewhere; `federimed.training.attention_kernel`), eager or sdpa",
+    )
     checkpointing: bool = Field(
         False,
         description="low-memory training: recompute each layer's activations in the backward pass instead of "

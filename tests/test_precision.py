@@ -1,5 +1,5 @@
-"""Training precision: chosen from the CPU's flags at run time; bf16 autocast gives fp32's loss and
-gradients within bf16 rounding."""
+"""Training arithmetic: the precision is chosen from the CPU's flags at run time; bf16 autocast gives
+fp32's loss and gradients within bf16 rounding, and the CPU's attention kernel gives the fused one's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from gradient_support import adapter_and_batch, loss_and_grads
 from federimed.config import TrainSettings
 from federimed.cpu import this_cpu
 from federimed.precision import autocast_dtype
+from federimed.training import attention_kernel
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"})
@@ -33,6 +34,21 @@ def test_precision_follows_the_cpu_flags(precision, device, flags, expected) -> 
     assert autocast_dtype(precision, device, flags) == expected
 
 
+@pytest.mark.parametrize(
+    ("precision", "attention", "device", "flags", "expected"),
+    [
+        ("auto", "auto", CPU, AMX_XEON, "eager"),  # bf16 on a CPU: plain products beat the fused kernel
+        ("auto", "auto", CPU, EPYC_ZEN3, None),  # fp32: the model's own kernel, as fast and smaller
+        ("fp32", "auto", CPU, AMX_XEON, None),
+        ("bf16", "auto", CPU, EPYC_ZEN3, "eager"),
+        ("auto", "auto", CUDA, AMX_XEON, None),
+        ("auto", "sdpa", CPU, AMX_XEON, "sdpa"),  # asked for explicitly
+    ],
+)
+def test_attention_kernel_follows_the_training_precision(precision, attention, device, flags, expected) -> None:
+    assert attention_kernel(TrainSettings(precision=precision, attention=attention), device, flags) == expected
+
+
 def test_unknown_precisions_are_refused() -> None:
     with pytest.raises(ValueError, match="fp16"):
         autocast_dtype("fp16", CPU, AMX_XEON)
@@ -54,3 +70,22 @@ def test_bf16_loss_and_gradients_match_fp32(base) -> None:
     cosine = torch.nn.functional.cosine_similarity(fp32_grads, bf16_grads, dim=0).item()
     assert cosine > 0.97, cosine  # measured 0.98 on an AMX Xeon: bf16 keeps 8 bits of mantissa
     print(f"CPU {this_cpu().model}: fp32 loss {fp32_loss:.4f}, bf16 {bf16_loss:.4f}, gradient cosine {cosine:.4f}")
+
+
+def test_eager_attention_gives_the_fused_kernels_loss_and_gradients(base) -> None:
+    """bf16 training on a CPU attends with plain matrix products ("eager"): on a padded batch they must
+    give what torch's fused kernel gives, to fp32 rounding."""
+    peft, batch = adapter_and_batch(base)
+    assert not batch["attention_mask"].all()  # padded rows: the mask is used
+    before = peft.config._attn_implementation
+    try:
+        results = {}
+        for kernel in ("sdpa", "eager"):
+            peft.set_attn_implementation(kernel)
+            results[kernel] = loss_and_grads(peft, batch)
+    finally:
+        peft.set_attn_implementation(before)
+        peft.zero_grad(set_to_none=True)
+    (fused_loss, fused_grads), (eager_loss, eager_grads) = results.values()
+    assert eager_loss == pytest.approx(fused_loss, rel=1e-4)
+    assert torch.nn.functional.cosine_similarity(fused_grads, eager_grads, dim=0).item() > 0.9999

@@ -105,11 +105,27 @@ def test_padded_batch_loss_equals_unpadded_loss(peft, tokenizer):
         singles = [peft(input_ids=e.input_ids[None], labels=e.labels[None]).loss.item() for e in examples]
         counts = [int((e.labels[1:] != IGNORE).sum()) for e in examples]
         batched, count = batch_loss(peft, collate(examples, tokenizer.pad_token_id, torch.device("cpu")))
-        evaluated, evaluated_count = evaluate_loss(peft, examples, batch_size=2)
+        evaluated, evaluated_count = evaluate_loss(peft, examples, batch_size=2, precision="fp32")
     expected = sum(s * c for s, c in zip(singles, counts)) / sum(counts)
     assert count == evaluated_count == sum(counts)
     assert batched.item() == pytest.approx(expected, rel=1e-4)
     assert evaluated == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(("precision", "kernel"), [("bf16", "eager"), ("fp32", "sdpa")])
+def test_training_attends_with_its_kernel_and_leaves_the_model_as_it_was(peft, tokenizer, precision, kernel):
+    attention = peft.base_model.model.model.layers[0].self_attn
+    kernels = []
+    hook = attention.register_forward_pre_hook(lambda module, args: kernels.append(module.config._attn_implementation))
+    before = peft.config._attn_implementation
+    try:
+        train_local(peft, tokenizer, encode_dialogues(tokenizer, dialogues(2, list(TREATMENTS)), 128),
+                    TrainSettings(batch_size=2, precision=precision), steps=1)
+    finally:
+        hook.remove()
+    assert before == "sdpa"
+    assert kernels == [kernel]
+    assert peft.config._attn_implementation == attention.config._attn_implementation == before
 
 
 def test_cosine_schedule_spans_the_whole_federation():
