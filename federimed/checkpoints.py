@@ -256,6 +256,17 @@ def plot_losses(run_dir: Path) -> Path:
     return out
 
 
+def finished_runs(runs_dir: Path, mode: str, hospitals: set[str] | None = None) -> list[Path]:
+    """Folders of the runs under `runs_dir` of `mode` with at least one saved round (trained on exactly
+    `hospitals`, when given), oldest first."""
+    found = []
+    for path in runs_dir.glob("*/run.json"):
+        info = json.loads(path.read_text())
+        if info["mode"] == mode and info.get("rounds_completed") and (hospitals is None or set(info["hospitals"]) == hospitals):
+            found.append((info["created"], path.parent))
+    return [p for _, p in sorted(found)]
+
+
 def _runs(runs_dir: Path) -> list[RunDir]:
     if not runs_dir.is_dir():
         return []

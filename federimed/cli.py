@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from federimed.commands import audit_model, chat, cohort, data, demo, evaluate, export, index, security, synth, train
+from federimed.commands import (
+    audit_model,
+    chat,
+    cohort,
+    data,
+    demo,
+    evaluate,
+    experiment,
+    export,
+    index,
+    security,
+    synth,
+    train,
+)
 
 app = typer.Typer(
     name="federimed",
@@ -25,6 +38,7 @@ evaluate.register(app)
 audit_model.register(app)
 export.register(app)
 demo.register(app)
+experiment.register(app)
 
 if __name__ == "__main__":
     app()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from federimed.checkpoints import finished_runs
 from federimed.commands.stages import Stage, StageFailed, run_stages
 
 console = Console()
@@ -105,30 +106,20 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
                   "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
     everyone = set(hospital_names)
     stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
-                        produced=lambda: bool(_runs_of(runs, "federated"))))
+                        produced=lambda: bool(finished_runs(runs, "federated"))))
     stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
-                        after=audits, produced=lambda: bool(_runs_of(runs, "centralized", everyone))))
+                        after=audits, produced=lambda: bool(finished_runs(runs, "centralized", everyone))))
     stages += [
         Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
-              [hospitals_dir], after=audits, produced=lambda name=name: bool(_runs_of(runs, "local-only", {name})))
+              [hospitals_dir], after=audits, produced=lambda name=name: bool(finished_runs(runs, "local-only", {name})))
         for name in hospital_names
     ]
     return stages
 
 
-def _runs_of(runs: Path, mode: str, hospitals: set[str] | None = None) -> list[Path]:
-    """Run folders under `runs` of `mode` (trained on exactly `hospitals`, when given), oldest first."""
-    found = []
-    for path in runs.glob("*/run.json"):
-        info = json.loads(path.read_text())
-        if info["mode"] == mode and info.get("rounds_completed") and (hospitals is None or set(info["hospitals"]) == hospitals):
-            found.append((info["created"], path.parent))
-    return [p for _, p in sorted(found)]
-
-
 def _newest_federated_run(runs: Path) -> Path:
     """The most recently created federated run under `runs`."""
-    federated = _runs_of(runs, "federated")
+    federated = finished_runs(runs, "federated")
     if not federated:
         console.print(f"[red]demo stopped: no federated run under {runs}[/]")
         raise typer.Exit(1)

@@ -39,6 +39,7 @@ def build_report(
             "heldout_loss": s.heldout_loss,
             "pooled": s.summary(),
             "per_hospital": {h: s.summary(h) for h in hospitals},
+            "case_drug_f1": case_f1(s),
         }
 
     models = [entry(s) for s in scores]
@@ -57,7 +58,8 @@ def build_report(
         "cases": len(cases),
         "models": models,
         "f1_per_round": list(rounds),
-        "external": [{"model": s.model, "retrieval": s.retrieval, "pooled": s.summary()} for s in external],
+        "external": [{"model": s.model, "retrieval": s.retrieval, "pooled": s.summary(), "case_drug_f1": case_f1(s)}
+                     for s in external],
         "counts": [entry(s) for s in counts],
         "paired": paired_differences(scores, counts),
         "missing": list(missing),
@@ -65,15 +67,17 @@ def build_report(
     }
 
 
+def case_f1(scores: ModelScores) -> dict[str, float]:
+    """Drug-F1 of every case, by case id: what pairs models (and seeds) case by case."""
+    return {c.id: c.drug_f1 for c in scores.cases}
+
+
 def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScores] = ()) -> list[dict[str, Any]]:
     """Per-case drug-F1 differences that decide FederiMed's claim, with paired 95 % bootstrap intervals,
     for each retrieval setting: federated − best local-only (the best by mean), federated − 0.9 ×
     centralized, federated − base, and every model − pooled counts."""
-    def f1(s: ModelScores) -> dict[str, float]:
-        return {c.id: c.drug_f1 for c in s.cases}
-
     def pair(a: ModelScores, b: ModelScores, label: str, scale: float = 1.0) -> dict[str, Any]:
-        left, right = f1(a), f1(b)
+        left, right = case_f1(a), case_f1(b)
         ids = [i for i in left if i in right]
         interval = paired_difference([left[i] for i in ids], [right[i] for i in ids], scale=scale)
         return {"comparison": label, "retrieval": a.retrieval, **asdict(interval)}

@@ -86,6 +86,25 @@ def hospital_epsilon(
     return HospitalAccountant(hospitals, delta).release(noise_multiplier, sampled, rounds)
 
 
+def noise_for_epsilon(
+    epsilon: float, rounds: int, *, delta: float, hospitals: int, tolerance: float = 1e-3
+) -> float:
+    """The smallest noise multiplier σ (within `tolerance`) whose `rounds` rounds over all `hospitals` spend
+    at most `epsilon` at `delta` (bisection on `hospital_epsilon`, which falls as σ grows)."""
+    if epsilon <= 0 or rounds < 1:
+        raise ValueError(f"need ε > 0 and at least one round, got ε={epsilon}, rounds={rounds}")
+    low, high = 0.0, 1.0
+    while hospital_epsilon(high, rounds, delta=delta, hospitals=hospitals) > epsilon:
+        low, high = high, high * 2
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        if hospital_epsilon(middle, rounds, delta=delta, hospitals=hospitals) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
 @dataclass(frozen=True)
 class RoundPrivacy:
     """The privacy spent up to one round (stored in its metrics.json)."""

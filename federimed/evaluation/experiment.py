@@ -1,0 +1,183 @@
+"""Pool the seeds of `federimed experiment`: each model's drug-F1 per seed, and the paired differences that
+decide FederiMed's claim, with every case's F1 averaged over the seeds and the cases resampled together
+(so what is hard for every model cancels out, and seed noise is averaged before the interval is taken)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from federimed.evaluation.metrics import paired_difference
+
+SeedReports = Mapping[int, dict[str, Any]]
+"""`federimed evaluate` reports (report.json) by training seed."""
+
+
+class ExperimentError(ValueError):
+    """The seeds' reports cannot be pooled (a model missing, or different cases)."""
+
+
+def _plain(report: dict[str, Any], section: str = "models") -> dict[str, dict[str, float]]:
+    """Per-case drug-F1 of each model without retrieval in one report section."""
+    return {m["model"]: m["case_drug_f1"] for m in report[section] if not m["retrieval"]}
+
+
+def _best_local(report: dict[str, Any]) -> str:
+    """The local-only model with the highest mean drug-F1 on the training hospitals' held-out cases."""
+    locals_ = [m for m in report["models"] if m["model"].startswith("local:") and not m["retrieval"]]
+    if not locals_:
+        raise ExperimentError(f"run {report['run']}: no local-only model was scored")
+    return max(locals_, key=lambda m: m["pooled"]["drug_f1"]["mean"] or 0.0)["model"]
+
+
+def _averaged(per_seed: list[dict[str, float]], what: str) -> dict[str, float]:
+    """Each case's F1 averaged over the seeds; every seed must have scored the same cases."""
+    cases = set(per_seed[0])
+    if any(set(scores) != cases for scores in per_seed):
+        raise ExperimentError(f"{what}: the seeds scored different cases (was the data split changed?)")
+    return {case: statistics.fmean(scores[case] for scores in per_seed) for case in sorted(cases)}
+
+
+def _pair(label: str, left: dict[str, float], right: dict[str, float], scale: float = 1.0) -> dict[str, Any]:
+    ids = sorted(left)
+    return {"comparison": label, **asdict(paired_difference([left[i] for i in ids], [right[i] for i in ids], scale=scale))}
+
+
+def _model(reports: SeedReports, name: str, section: str = "models") -> list[dict[str, float]]:
+    found = []
+    for seed, report in sorted(reports.items()):
+        scores = _plain(report, section)
+        if name not in scores:
+            raise ExperimentError(f"seed {seed}: model {name!r} missing from the {section} of run {report['run']}")
+        found.append(scores[name])
+    return found
+
+
+def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_epsilon: float | None = None) -> dict[str, Any]:
+    """The experiment's summary from each seed's report (and the DP-federated run's, scored on the same cases)."""
+    if not reports:
+        raise ExperimentError("no seed was evaluated")
+    seeds = sorted(reports)
+    first = reports[seeds[0]]
+    names = list(_plain(first))
+    per_seed = {name: [_pooled(reports[s], name) for s in seeds] for name in names}
+    best_locals = [_best_local(reports[s]) for s in seeds]
+
+    def averaged(name: str, section: str = "models") -> dict[str, float]:
+        return _averaged(_model(reports, name, section), f"{name} ({section})")
+
+    best_local = _averaged([_plain(reports[s])[b] for s, b in zip(seeds, best_locals)], "best local-only")
+    federated = averaged("federated")
+    paired = [
+        _pair("federated − best local-only", federated, best_local),
+        _pair("federated − 0.9 × centralized", federated, averaged("centralized"), scale=0.9),
+        _pair("federated − base", federated, averaged("base")),
+    ]
+    pooled_counts = {c["model"]: c["case_drug_f1"] for c in first["counts"]}.get("counts:pooled")
+    if pooled_counts is not None:
+        paired.append(_pair("federated − pooled counts", federated, pooled_counts))
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "cases": len(federated),
+        "hospitals": first["hospitals"],
+        "models": {name: _spread(values) for name, values in per_seed.items()},
+        "best_local_per_seed": dict(zip(map(str, seeds), best_locals)),
+        "counts": {c["model"]: c["pooled"]["drug_f1"]["mean"] for c in first["counts"]},
+        "paired": paired,
+        "f1_per_round": _rounds(reports),
+    }
+    if first.get("external"):
+        ext_federated = averaged("federated", "external")
+        ext_best = _averaged([_plain(reports[s], "external")[b] for s, b in zip(seeds, best_locals)], "external best local")
+        summary["external"] = {
+            "cases": len(ext_federated),
+            "models": {m["model"]: _spread([_pooled(reports[s], m["model"], "external") for s in seeds])
+                       for m in first["external"] if not m["retrieval"]},
+            "paired": [_pair("federated − best local-only (chosen on the training hospitals)", ext_federated, ext_best)],
+        }
+    if dp_reports:
+        dp = _averaged(_model(dp_reports, "federated"), "DP federated")
+        if set(dp) != set(federated):
+            raise ExperimentError("the DP-federated model was scored on other cases than the federated one")
+        summary["dp"] = {"epsilon": dp_epsilon, "models": {"federated-dp": _spread(
+            [_pooled(dp_reports[s], "federated") for s in sorted(dp_reports)])},
+            "paired": [_pair("DP federated − federated (the cost of DP)", dp, federated)]}
+    summary["goals"] = _goals(summary)
+    return summary
+
+
+def _pooled(report: dict[str, Any], name: str, section: str = "models") -> float:
+    return next(m for m in report[section] if m["model"] == name and not m["retrieval"])["pooled"]["drug_f1"]["mean"]
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Mean and standard deviation over the seeds, and each seed's value."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "per_seed": values}
+
+
+def _rounds(reports: SeedReports) -> list[dict[str, float]]:
+    """The federated adapter's drug-F1 after each round, averaged over the seeds that scored it."""
+    by_round: dict[int, list[float]] = {}
+    for report in reports.values():
+        for row in report.get("f1_per_round", []):
+            by_round.setdefault(row["round"], []).append(row["drug_f1"])
+    return [{"round": r, "drug_f1": statistics.fmean(v), "seeds": len(v)} for r, v in sorted(by_round.items())]
+
+
+def _goals(summary: dict[str, Any]) -> dict[str, Any]:
+    """Issue 13's acceptance, read off the summary: each goal and whether this run met it."""
+    paired = {p["comparison"]: p for p in summary["paired"]}
+    beats = paired["federated − best local-only"]
+    models = {name: m["mean"] for name, m in summary["models"].items()}
+    goals: dict[str, Any] = {
+        "federated beats the best local-only (95 % interval above 0)": beats["low"] is not None and beats["low"] > 0,
+        "federated ≥ 0.9 × centralized": paired["federated − 0.9 × centralized"]["mean"] >= 0,
+        "base lowest": all(models["base"] < v for name, v in models.items() if name != "base"),
+    }
+    if "external" in summary:
+        goals["external hospital: federated above the best local-only"] = summary["external"]["paired"][0]["mean"] > 0
+    if "dp" in summary:
+        goals["DP cost in drug-F1"] = summary["dp"]["paired"][0]["mean"]
+    return goals
+
+
+def all_pairs(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every paired difference of the summary: the training hospitals', the external hospital's, DP's."""
+    return summary["paired"] + summary.get("external", {}).get("paired", []) + summary.get("dp", {}).get("paired", [])
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> Path:
+    """Drug-F1 per model (mean, each seed a dot) beside the paired differences with their intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    models = summary["models"] | summary.get("dp", {}).get("models", {})
+    names = list(models)
+    left.bar(names, [models[n]["mean"] for n in names], color="#9ecae1")
+    for i, name in enumerate(names):
+        left.scatter([i] * len(models[name]["per_seed"]), models[name]["per_seed"], color="#08519c", s=12, zorder=3)
+    for label, value in summary["counts"].items():
+        left.axhline(value, linestyle="--", linewidth=1, color="#636363" if label == "counts:pooled" else "#bdbdbd")
+    left.set_ylabel("drug-F1 (held-out cases)")
+    left.set_title(f"{summary['cases']} cases, seeds {', '.join(map(str, summary['seeds']))}; dashes: counting baselines")
+    left.tick_params(axis="x", rotation=45)
+    rows = all_pairs(summary)
+    for y, row in enumerate(rows):
+        if row["low"] is not None:
+            right.plot([row["low"], row["high"]], [y, y], color="#08519c")
+        right.scatter([row["mean"]], [y], color="#08519c", zorder=3)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_yticks(range(len(rows)), [r["comparison"] for r in rows], fontsize=8)
+    right.set_xlabel("paired difference in drug-F1 (95 % bootstrap interval)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
