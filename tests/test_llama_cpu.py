@@ -144,3 +144,16 @@ def test_llama_cpp_log_stays_off_the_terminal(adapter_gguf: Path, capfd: pytest.
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     if this_cpu().flags and AMX_FLAGS & this_cpu().flags:
         assert sum("cannot use buft 'AMX'" in r.getMessage() for r in records) == 210
+
+
+def test_llama_cpp_takes_the_share_of_cores_its_parent_gave(monkeypatch) -> None:
+    from federimed.serving.llama_cpp_engine import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = cpu_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 8))  # never more threads than cores
+    assert cpu_threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert cpu_threads() == cores

@@ -39,6 +39,7 @@ class Size:
     rounds: int
     budget: tuple[str, str]  # `federimed train` option of the budget: passes (--epochs) or fixed steps
     batch_size: int
+    max_cases: int  # held-out cases scored per hospital
     answer_tokens: int
     dp_epsilon: float
     dp_delta: float
@@ -47,9 +48,9 @@ class Size:
 SIZES = {
     # ≥ 300 pooled held-out cases (about 5.5 decisions per patient), 3 seeds, the demo's recipe.
     "default": Size(patients=50, heldout_share=0.5, seeds=(0, 1, 2), rounds=4, budget=("--epochs", "4"),
-                    batch_size=4, answer_tokens=48, dp_epsilon=10.0, dp_delta=1e-5),
+                    batch_size=4, max_cases=1000, answer_tokens=48, dp_epsilon=10.0, dp_delta=1e-5),
     "quick": Size(patients=4, heldout_share=0.5, seeds=(0, 1), rounds=1, budget=("--local-steps", "1"),
-                  batch_size=2, answer_tokens=32, dp_epsilon=10.0, dp_delta=1e-5),
+                  batch_size=2, max_cases=3, answer_tokens=32, dp_epsilon=10.0, dp_delta=1e-5),
 }
 
 
@@ -130,7 +131,8 @@ def evaluation_stages(paths: ExperimentPaths, size: Size) -> list[Stage]:
         for dp in (False, True):
             run = _federated_run(paths.runs(seed, dp))
             args = ["evaluate", "--run", str(run), "--data", str(paths.hospitals), "--runs-dir", str(paths.runs(seed, dp)),
-                    "--retrieval", "off", "--external", str(external), "--max-new-tokens", str(size.answer_tokens)]
+                    "--retrieval", "off", "--external", str(external), "--max-cases", str(size.max_cases),
+                    "--max-new-tokens", str(size.answer_tokens)]
             args += ["--compare", "federated", "--no-rounds"] if dp else []
             stages.append(Stage(f"evaluate seed {seed}{' DP' if dp else ''}", args, [run, paths.hospitals, external],
                                 produced=lambda run=run: (run / "eval" / "report.json").is_file()))

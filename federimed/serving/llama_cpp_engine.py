@@ -40,8 +40,12 @@ CONTEXT_STEP = 1024
 
 
 def cpu_threads() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on, or fewer where a parent gave it its share in OMP_NUM_THREADS (the
+    demo's and the experiment's stages running side by side do): llama.cpp's threads spin while they wait,
+    so two evaluations with a thread per core each slowed one another several times over."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(share)) if share.isdigit() and int(share) > 0 else cores
 
 
 class LlamaCppEngine:
