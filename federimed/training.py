@@ -379,12 +379,13 @@ def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Calla
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, examples: Sequence[Example], batch_size: int = 8, precision: str = "auto"
+    model: nn.Module, examples: Sequence[Example], batch_size: int = 8, precision: str = "fp32"
 ) -> tuple[float, int]:
     """Mean loss per assistant token over `examples` (no gradients), and the number of those tokens.
 
-    The forward passes run in training's arithmetic (`precision`): bf16 where the CPU has it halved the time
-    of the demo's held-out scoring and moved the loss by 0.002 (3.5862 → 3.5886 on 61 dialogues)."""
+    Training and the federated clients pass their own arithmetic (`precision`): bf16 where the CPU has it
+    halved the time of the demo's held-out scoring and moved the loss by 0.002 (3.5862 → 3.5886 on 61
+    dialogues)."""
     if not examples:
         raise ValueError("evaluate_loss needs at least one example")
     device = next(model.parameters()).device

@@ -62,9 +62,10 @@ def test_seeds_are_averaged_case_by_case_against_each_seeds_best_local_model() -
     assert summary["models"]["local:b"]["mean"] == pytest.approx((0.25 + 0.75) / 2)
     assert summary["f1_per_round"] == [{"round": 0, "drug_f1": 0.1, "seeds": 2},
                                        {"round": 1, "drug_f1": pytest.approx(0.55), "seeds": 2}]
-    goals = summary["goals"]
+    goals = summary["goals"]  # per-case differences 0, +0.5, +0.25, −0.25: a mean above 0, an interval that is not
+    assert goals["federated beats the best local-only (95 % interval above 0)"] is False
     assert goals["base lowest"] is True
-    assert goals["federated ≥ 0.9 × centralized"] is (centralized["mean"] >= 0)
+    assert goals["federated ≥ 0.9 × centralized"] is False  # 0.75 against 0.9 × 0.875
     # external: each seed's best local model is the one chosen on the training hospitals' cases
     external = summary["external"]["paired"][0]
     assert external["mean"] == pytest.approx(statistics.fmean([1.0, 0.0, 1.0, 1.0]) - statistics.fmean([0.5, 0.5, 0.5, 1.0]))
@@ -106,7 +107,7 @@ def test_quick_experiment_writes_paired_differences_over_its_seeds(tmp_path: Pat
     assert summary["seeds"] == [0, 1] and summary["cases"] > 0 and summary["external"]["cases"] > 0
     assert {"base", "federated", "centralized"} <= set(summary["models"])
     assert len([m for m in summary["models"] if m.startswith("local:")]) == 3
-    assert summary["dp"]["epsilon"] == 10.0 and summary["dp_noise_multiplier"] > 0
+    assert 0 < summary["dp"]["epsilon"] <= 10.0 and summary["dp_noise_multiplier"] > 0
     assert [p["comparison"] for p in summary["paired"]][:3] == [
         "federated − best local-only", "federated − 0.9 × centralized", "federated − base"]
     assert (tmp_path / "exp" / "report" / "experiment.png").stat().st_size > 10_000

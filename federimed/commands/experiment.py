@@ -10,9 +10,10 @@ retrieval. The seeds are pooled into paired differences (`federimed.evaluation.e
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from federimed.checkpoints import finished_runs
+from federimed.checkpoints import finished_runs, round_metrics
 from federimed.commands.stages import Stage, StageFailed, run_stages
 from federimed.evaluation.experiment import ExperimentError, all_pairs, plot_summary, pool_seeds
 
@@ -82,12 +83,18 @@ class ExperimentPaths:
         return self.root / ".stages"
 
 
-def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_seed: int, noise: float) -> list[Stage]:
-    """Synthesise and ingest the hospitals, then train every model of every seed."""
+def hospital_names(size: Size, data_seed: int) -> tuple[list[str], str]:
+    """The training hospitals' names and the external hospital's."""
     from ingest.synth import plan
 
     specs = plan(HOSPITALS + 1, size.patients, data_seed)
-    training, external = [s.hospital for s in specs[:HOSPITALS]], specs[HOSPITALS].hospital
+    return [s.hospital for s in specs[:HOSPITALS]], specs[HOSPITALS].hospital
+
+
+def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_seed: int, noise: float) -> list[Stage]:
+    """Synthesise and ingest the hospitals, then train every model of every seed. The DP model's noise
+    multiplier is rounded up, so that its ε stays within the target."""
+    training, external = hospital_names(size, data_seed)
     stages = [Stage("synthesise", ["synth", "--out", str(paths.synthea), "--hospitals", str(HOSPITALS + 1),
                                    "--patients", str(size.patients), "--seed", str(data_seed), "--force"],
                     produced=lambda: (paths.synthea / "synth.json").is_file())]
@@ -107,7 +114,7 @@ def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_se
                 ("centralized", runs, "centralized", set(training), ["--mode", "centralized"])]
         jobs += [(f"local {h}", runs, "local-only", {h}, ["--mode", "local", "--hospital", h]) for h in training]
         jobs.append(("federated DP", dp_runs, "federated", None,
-                     ["--dp", "--noise-multiplier", f"{noise:.4f}", "--delta", str(size.dp_delta)]))
+                     ["--dp", "--noise-multiplier", str(math.ceil(noise * 1e4) / 1e4), "--delta", str(size.dp_delta)]))
         for job, where, mode, trained_on, args in jobs:
             stages.append(Stage(f"{job} seed {seed}", ["train", *common, "--runs-dir", str(where), *args],
                                 [paths.hospitals], after=ingested,
@@ -123,25 +130,34 @@ def _federated_run(runs: Path) -> Path:
     return found[-1]
 
 
-def evaluation_stages(paths: ExperimentPaths, size: Size) -> list[Stage]:
-    """Score every seed's models (and its DP-federated model) on the same cases, without retrieval."""
-    external = next(p for p in paths.external.iterdir() if (p / "manifest.json").is_file())
+def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list[Stage]:
+    """Score every seed's models on the same cases, without retrieval, and on the external hospital; and
+    its DP-federated model on the same held-out cases."""
     stages = []
     for seed in size.seeds:
         for dp in (False, True):
-            run = _federated_run(paths.runs(seed, dp))
-            args = ["evaluate", "--run", str(run), "--data", str(paths.hospitals), "--runs-dir", str(paths.runs(seed, dp)),
-                    "--retrieval", "off", "--external", str(external), "--max-cases", str(size.max_cases),
-                    "--max-new-tokens", str(size.answer_tokens)]
-            args += ["--compare", "federated", "--no-rounds"] if dp else []
-            stages.append(Stage(f"evaluate seed {seed}{' DP' if dp else ''}", args, [run, paths.hospitals, external],
+            runs = paths.runs(seed, dp)
+            run = _federated_run(runs)
+            args = ["evaluate", "--run", str(run), "--data", str(paths.hospitals), "--runs-dir", str(runs),
+                    "--retrieval", "off", "--max-cases", str(size.max_cases), "--max-new-tokens", str(size.answer_tokens)]
+            args += ["--compare", "federated", "--no-rounds"] if dp else ["--external", str(paths.external / external)]
+            stages.append(Stage(f"evaluate seed {seed}{' DP' if dp else ''}", args, [runs, paths.hospitals, paths.external],
                                 produced=lambda run=run: (run / "eval" / "report.json").is_file()))
     return stages
+
+
+def _spent_epsilon(paths: ExperimentPaths, size: Size) -> float:
+    """The largest ε the seeds' DP runs report after their last round."""
+    return max(round_metrics(_federated_run(paths.runs(seed, dp=True)))[-1]["epsilon"] for seed in size.seeds)
 
 
 def _reports(paths: ExperimentPaths, size: Size, dp: bool) -> dict[int, dict]:
     return {seed: json.loads((_federated_run(paths.runs(seed, dp)) / "eval" / "report.json").read_text())
             for seed in size.seeds}
+
+
+def _interval(row: dict) -> str:
+    return "–" if row["low"] is None else f"[{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
 def _markdown(summary: dict) -> str:
@@ -153,8 +169,7 @@ def _markdown(summary: dict) -> str:
         lines.append(f"| {name} | {m['mean']:.3f} | {sd} | {', '.join(f'{v:.3f}' for v in m['per_seed'])} |")
     lines += ["", "| paired difference (seeds averaged per case) | mean | 95 % interval | cases |", "|---|---:|---|---:|"]
     for row in all_pairs(summary):
-        interval = "–" if row["low"] is None else f"[{row['low']:+.3f}, {row['high']:+.3f}]"
-        lines.append(f"| {row['comparison']} | {row['mean']:+.3f} | {interval} | {row['n']} |")
+        lines.append(f"| {row['comparison']} | {row['mean']:+.3f} | {_interval(row)} | {row['n']} |")
     lines += ["", "## Goals", ""] + [f"- {goal}: {value}" for goal, value in summary["goals"].items()]
     return "\n".join(lines) + "\n"
 
@@ -177,7 +192,7 @@ def register(app: typer.Typer) -> None:
         size = SIZES["quick" if quick else "default"]
         overrides = {"seeds": tuple(int(s) for s in seeds.split(",")) if seeds else size.seeds,
                      "patients": patients or size.patients}
-        size = Size(**{**size.__dict__, **overrides})
+        size = replace(size, **overrides)
         paths = ExperimentPaths(workdir)
         noise = noise_for_epsilon(size.dp_epsilon, size.rounds, delta=size.dp_delta, hospitals=HOSPITALS)
         console.print(f"Experiment in {workdir}: {HOSPITALS} training hospitals + 1 external, {size.patients} patients "
@@ -186,8 +201,9 @@ def register(app: typer.Typer) -> None:
         started = time.perf_counter()
         try:
             timings = run_stages(training_stages(paths, size, data_seed, split_seed, noise), paths.state, lanes, console)
-            timings |= run_stages(evaluation_stages(paths, size), paths.state, lanes, console)
-            summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), size.dp_epsilon)
+            timings |= run_stages(evaluation_stages(paths, size, hospital_names(size, data_seed)[1]), paths.state, lanes,
+                                  console)
+            summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), _spent_epsilon(paths, size))
         except StageFailed as exc:
             console.print(f"[red]experiment stopped: {exc}[/]")
             raise typer.Exit(exc.code) from None
@@ -204,8 +220,7 @@ def register(app: typer.Typer) -> None:
         for column in ("comparison", "mean", "95 % interval"):
             table.add_column(column)
         for row in all_pairs(summary):
-            interval = "–" if row["low"] is None else f"[{row['low']:+.3f}, {row['high']:+.3f}]"
-            table.add_row(row["comparison"], f"{row['mean']:+.3f}", interval)
+            table.add_row(row["comparison"], f"{row['mean']:+.3f}", _interval(row))
         console.print(table)
         for goal, value in summary["goals"].items():
             console.print(f"{goal}: [bold]{value}[/]")

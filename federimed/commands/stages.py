@@ -98,7 +98,8 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
         raise ValueError(f"stages wait for unknown stages {sorted(unknown)} or repeat a name")
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     waiting, running, timings = list(stages), [], {}
-    threads = max(1, (os.cpu_count() or 1) // lanes) if lanes > 1 else None
+    at_once = min(lanes, len(stages))
+    threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         try:

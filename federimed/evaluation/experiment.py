@@ -57,13 +57,14 @@ def _model(reports: SeedReports, name: str, section: str = "models") -> list[dic
 
 
 def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_epsilon: float | None = None) -> dict[str, Any]:
-    """The experiment's summary from each seed's report (and the DP-federated run's, scored on the same cases)."""
+    """The experiment's summary from each seed's report (and the DP-federated run's, scored on the same cases,
+    with the ε its training spent)."""
     if not reports:
         raise ExperimentError("no seed was evaluated")
     seeds = sorted(reports)
     first = reports[seeds[0]]
     names = list(_plain(first))
-    per_seed = {name: [_pooled(reports[s], name) for s in seeds] for name in names}
+    per_seed = {name: _means(_model(reports, name)) for name in names}
     best_locals = [_best_local(reports[s]) for s in seeds]
 
     def averaged(name: str, section: str = "models") -> dict[str, float]:
@@ -94,23 +95,22 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         ext_best = _averaged([_plain(reports[s], "external")[b] for s, b in zip(seeds, best_locals)], "external best local")
         summary["external"] = {
             "cases": len(ext_federated),
-            "models": {m["model"]: _spread([_pooled(reports[s], m["model"], "external") for s in seeds])
-                       for m in first["external"] if not m["retrieval"]},
+            "models": {name: _spread(_means(_model(reports, name, "external"))) for name in _plain(first, "external")},
             "paired": [_pair("federated − best local-only (chosen on the training hospitals)", ext_federated, ext_best)],
         }
     if dp_reports:
         dp = _averaged(_model(dp_reports, "federated"), "DP federated")
         if set(dp) != set(federated):
             raise ExperimentError("the DP-federated model was scored on other cases than the federated one")
-        summary["dp"] = {"epsilon": dp_epsilon, "models": {"federated-dp": _spread(
-            [_pooled(dp_reports[s], "federated") for s in sorted(dp_reports)])},
+        summary["dp"] = {"epsilon": dp_epsilon, "models": {"federated-dp": _spread(_means(_model(dp_reports, "federated")))},
             "paired": [_pair("DP federated − federated (the cost of DP)", dp, federated)]}
     summary["goals"] = _goals(summary)
     return summary
 
 
-def _pooled(report: dict[str, Any], name: str, section: str = "models") -> float:
-    return next(m for m in report[section] if m["model"] == name and not m["retrieval"])["pooled"]["drug_f1"]["mean"]
+def _means(per_seed: list[dict[str, float]]) -> list[float]:
+    """Each seed's mean drug-F1 over its cases (the report's pooled mean)."""
+    return [statistics.fmean(scores.values()) for scores in per_seed]
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
