@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federimed.checkpoints import CheckpointError, RunDir, latest_round, round_metrics
+from federimed.checkpoints import CheckpointError, RunDir, finished_runs, latest_round, round_metrics
 from federimed.config import ModelSettings
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.runner import HeldoutCase, ModelScores, score_model
@@ -33,17 +33,12 @@ def find_contenders(federated: RunDir, kinds: Sequence[str]) -> tuple[list[Conte
     if unknown:
         raise ValueError(f"unknown model kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
     hospitals = set(federated.info()["hospitals"])
-    runs = sorted(
-        (RunDir(p.parent) for p in federated.runs_dir.glob("*/run.json")), key=lambda r: r.info()["created"],
-        reverse=True,
-    )
     contenders, missing = [], []
 
     def newest(mode: str, trained_on: set[str]) -> Path | None:
-        for run in runs:
-            info = run.info()
-            if info["mode"] == mode and set(info["hospitals"]) == trained_on and latest_round(run.path):
-                return latest_round(run.path)[1]
+        for run in reversed(finished_runs(federated.runs_dir, mode, trained_on)):
+            if last := latest_round(run):
+                return last[1]
         return None
 
     for kind in kinds:
