@@ -4,7 +4,8 @@ Run: `.venv/bin/python bench/clinical.py [--quick] [--workdir DIR] [--seeds 0,1,
 Writes bench/results/clinical.json: the number of pooled held-out cases, the seeds, every model's drug-F1
 per seed, the paired differences with their 95 % intervals (federated − best local-only, − 0.9 ×
 centralized, − base, − pooled counts; the external hospital; the DP model's cost), whether each goal
-was met, the wall time (`seconds`, and per stage) and the CPU. `--quick` writes clinical_quick.json instead (a smoke run).
+was met, the wall time of this invocation (`seconds`: stages done by an earlier one are skipped), each
+stage's time when it ran (`stage_seconds`, whichever invocation ran it) and the CPU. `--quick` writes clinical_quick.json instead (a smoke run).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from federimed.commands.stages import Stage, StageFailed, log_path, run_stages
+from federimed.commands.stages import Stage, StageFailed, log_path, recorded_seconds, run_stages
 
 # A stage that records when it ran: argv = [journal, name, seconds, exit code]
 SCRIPT = """
@@ -62,8 +62,12 @@ def test_unchanged_stages_are_skipped_and_changed_inputs_rerun(tmp_path: Path) -
     source.write_text("one")
     stages = [stage(tmp_path, "build", inputs=[source]), stage(tmp_path, "check", after=["build"], always=True)]
     run_stages(stages, tmp_path / "state", lanes=2, console=console())
+    first = recorded_seconds(stages, tmp_path / "state")
     again = run_stages(stages, tmp_path / "state", lanes=2, console=console())
     assert again["build"] is None and again["check"] is not None
+    # a skipped stage keeps the time it took when it ran (an experiment resumed later still reports it)
+    assert recorded_seconds(stages, tmp_path / "state")["build"] == first["build"] >= 0.5
+    assert recorded_seconds([stage(tmp_path, "never")], tmp_path / "state") == {"never": None}
     time.sleep(0.01)
     source.write_text("two, longer")
     assert run_stages(stages, tmp_path / "state", lanes=2, console=console())["build"] is not None

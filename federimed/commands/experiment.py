@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from federimed.checkpoints import finished_runs, round_metrics
-from federimed.commands.stages import Stage, StageFailed, run_stages
+from federimed.commands.stages import Stage, StageFailed, recorded_seconds, run_stages
 from federimed.evaluation.experiment import ExperimentError, all_pairs, plot_summary, pool_seeds
 
 console = Console()
@@ -200,9 +200,10 @@ def register(app: typer.Typer) -> None:
                       f"Stage logs: {paths.state / 'logs'}")
         started = time.perf_counter()
         try:
-            timings = run_stages(training_stages(paths, size, data_seed, split_seed, noise), paths.state, lanes, console)
-            timings |= run_stages(evaluation_stages(paths, size, hospital_names(size, data_seed)[1]), paths.state, lanes,
-                                  console)
+            training = training_stages(paths, size, data_seed, split_seed, noise)
+            run_stages(training, paths.state, lanes, console)
+            evaluation = evaluation_stages(paths, size, hospital_names(size, data_seed)[1])
+            run_stages(evaluation, paths.state, lanes, console)
             summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), _spent_epsilon(paths, size))
         except StageFailed as exc:
             console.print(f"[red]experiment stopped: {exc}[/]")
@@ -211,7 +212,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]experiment cannot pool its seeds: {exc}[/]")
             raise typer.Exit(1) from None
         summary |= {"size": size.__dict__ | {"seeds": list(size.seeds)}, "dp_noise_multiplier": noise,
-                    "stage_seconds": timings, "seconds": time.perf_counter() - started}
+                    "stage_seconds": recorded_seconds([*training, *evaluation], paths.state),
+                    "seconds": time.perf_counter() - started}
         paths.report.mkdir(parents=True, exist_ok=True)
         (paths.report / "experiment.json").write_text(json.dumps(summary, indent=2) + "\n")
         (paths.report / "experiment.md").write_text(_markdown(summary))

@@ -125,6 +125,12 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
     return timings
 
 
+def recorded_seconds(stages: Sequence[Stage], state_dir: Path) -> dict[str, float | None]:
+    """How long each stage took when it last ran, whichever invocation ran it (None: not recorded)."""
+    stamps = {s.name: s.stamp(state_dir) for s in stages}
+    return {name: json.loads(p.read_text()).get("seconds") if p.is_file() else None for name, p in stamps.items()}
+
+
 def _start(stage: Stage, state_dir: Path, bar: Progress, threads: int | None) -> _Running:
     log = log_path(state_dir, stage.name).open("w", encoding="utf-8")
     log.write(f"$ federimed {' '.join(stage.args)}\n")
@@ -149,7 +155,8 @@ def _finish(job: _Running, state_dir: Path, bar: Progress) -> float:
         bar.console.print(f"[red]✗ {job.stage.name} failed (exit {job.process.returncode}) after {seconds:.0f} s; last lines of {log}:[/]")
         bar.console.print("\n".join(tail), markup=False, highlight=False)
         raise StageFailed(job.stage.name, job.process.returncode, log)
-    job.stage.stamp(state_dir).write_text(json.dumps({"fingerprint": job.stage.fingerprint(), "finished": time.time()}))
+    stamp = {"fingerprint": job.stage.fingerprint(), "finished": time.time(), "seconds": round(seconds, 1)}
+    job.stage.stamp(state_dir).write_text(json.dumps(stamp))
     bar.console.print(f"[green]✓ {job.stage.name}[/] {seconds:.0f} s  [dim]{log}[/]", soft_wrap=True)
     return seconds
 
