@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from federimed.evaluation.experiment import ExperimentError, pool_seeds
+from federimed.evaluation.experiment import ExperimentError, loss_per_round, pool_seeds
 from federimed.fl.dp import hospital_epsilon, noise_for_epsilon
 
 CASES = ["c1", "c2", "c3", "c4"]
@@ -89,6 +89,14 @@ def test_seeds_that_scored_other_cases_are_refused() -> None:
         pool_seeds({0: {**REPORTS[0], "models": [m for m in REPORTS[0]["models"] if m["model"] != "centralized"]}})
 
 
+def test_loss_per_round_averages_the_seeds_that_recorded_each_round() -> None:
+    curves = {"federated": [[0.9, 0.5, 0.3], [0.7, 0.3, 0.1]], "local:a": [[1.0, None], [0.8]]}
+    pooled = loss_per_round(curves)
+    assert [r["round"] for r in pooled["federated"]] == [1, 2, 3]
+    assert [r["mean"] for r in pooled["federated"]] == pytest.approx([0.8, 0.4, 0.2])
+    assert pooled["local:a"] == [{"round": 1, "mean": pytest.approx(0.9), "per_seed": [1.0, 0.8]}]
+
+
 @pytest.mark.parametrize(("epsilon", "rounds"), [(10.0, 4), (4.0, 2), (1.0, 1)])
 def test_noise_for_a_target_epsilon_is_the_smallest_that_keeps_it(epsilon, rounds) -> None:
     sigma = noise_for_epsilon(epsilon, rounds, delta=1e-5, hospitals=3)
@@ -110,6 +118,9 @@ def test_quick_experiment_writes_paired_differences_over_its_seeds(tmp_path: Pat
     assert 0 < summary["dp"]["epsilon"] <= 10.0 and summary["dp_noise_multiplier"] > 0
     assert [p["comparison"] for p in summary["paired"]][:3] == [
         "federated − best local-only", "federated − 0.9 × centralized", "federated − base"]
+    assert set(summary["heldout_loss_per_round"]) == set(summary["models"]) - {"base"} | {"federated-dp"}
+    assert all(rows and all(r["mean"] > 0 for r in rows) for rows in summary["heldout_loss_per_round"].values())
+    assert all(seconds and seconds > 0 for seconds in summary["stage_seconds"].values())
     assert (tmp_path / "exp" / "report" / "experiment.png").stat().st_size > 10_000
     for seed in (0, 1):  # the DP model trained with the noise the target ε needs, in its own runs folder
         dp_round = next((tmp_path / "exp" / "runs" / f"seed-{seed}-dp").glob("*/round-1/metrics.json"))

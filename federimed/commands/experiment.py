@@ -23,7 +23,7 @@ from rich.table import Table
 
 from federimed.checkpoints import finished_runs, round_metrics
 from federimed.commands.stages import Stage, StageFailed, recorded_seconds, run_stages
-from federimed.evaluation.experiment import ExperimentError, all_pairs, plot_summary, pool_seeds
+from federimed.evaluation.experiment import ExperimentError, all_pairs, loss_per_round, plot_summary, pool_seeds
 
 console = Console()
 HOSPITALS = 3
@@ -146,6 +146,23 @@ def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list
     return stages
 
 
+def _loss_curves(paths: ExperimentPaths, size: Size) -> dict[str, list[list[float | None]]]:
+    """Held-out loss after each round of every trained model, one list per seed (found as `evaluate` finds
+    the models it scores; the DP model as "federated-dp")."""
+    from federimed.checkpoints import RunDir
+    from federimed.evaluation.compare import find_contenders
+
+    curves: dict[str, list[list[float | None]]] = {}
+    for seed in size.seeds:
+        for dp in (False, True):
+            contenders, _ = find_contenders(RunDir(_federated_run(paths.runs(seed, dp))),
+                                            ["federated"] if dp else ["federated", "centralized", "local"])
+            for contender in contenders:
+                losses = [m.get("heldout_loss") for m in round_metrics(contender.adapter.parent)]
+                curves.setdefault("federated-dp" if dp else contender.label, []).append(losses)
+    return curves
+
+
 def _spent_epsilon(paths: ExperimentPaths, size: Size) -> float:
     """The largest ε the seeds' DP runs report after their last round."""
     return max(round_metrics(_federated_run(paths.runs(seed, dp=True)))[-1]["epsilon"] for seed in size.seeds)
@@ -205,6 +222,7 @@ def register(app: typer.Typer) -> None:
             evaluation = evaluation_stages(paths, size, hospital_names(size, data_seed)[1])
             run_stages(evaluation, paths.state, lanes, console)
             summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), _spent_epsilon(paths, size))
+            summary["heldout_loss_per_round"] = loss_per_round(_loss_curves(paths, size))
         except StageFailed as exc:
             console.print(f"[red]experiment stopped: {exc}[/]")
             raise typer.Exit(exc.code) from None

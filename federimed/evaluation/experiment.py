@@ -145,6 +145,20 @@ def _goals(summary: dict[str, Any]) -> dict[str, Any]:
     return goals
 
 
+def loss_per_round(curves: Mapping[str, list[list[float | None]]]) -> dict[str, list[dict[str, Any]]]:
+    """Each model's held-out loss after each round (`curves`: model → one list of per-round losses per seed),
+    averaged over the seeds that recorded it: whether every model had converged when it was scored."""
+    pooled = {}
+    for model, seeds in curves.items():
+        rows = []
+        for index in range(max(map(len, seeds), default=0)):
+            values = [losses[index] for losses in seeds if index < len(losses) and losses[index] is not None]
+            if values:
+                rows.append({"round": index + 1, "mean": statistics.fmean(values), "per_seed": values})
+        pooled[model] = rows
+    return pooled
+
+
 def all_pairs(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every paired difference of the summary: the training hospitals', the external hospital's, DP's."""
     return summary["paired"] + summary.get("external", {}).get("paired", []) + summary.get("dp", {}).get("paired", [])
@@ -157,7 +171,9 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    fig = plt.figure(figsize=(13, 9))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1])
+    left, middle, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     models = summary["models"] | summary.get("dp", {}).get("models", {})
     names = list(models)
     left.bar(names, [models[n]["mean"] for n in names], color="#9ecae1")
@@ -168,6 +184,7 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     left.set_ylabel("drug-F1 (held-out cases)")
     left.set_title(f"{summary['cases']} cases, seeds {', '.join(map(str, summary['seeds']))}; dashes: counting baselines")
     left.tick_params(axis="x", rotation=45)
+    _plot_rounds(middle, summary)
     rows = all_pairs(summary)
     for y, row in enumerate(rows):
         if row["low"] is not None:
@@ -181,3 +198,22 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_rounds(axes: Any, summary: dict[str, Any]) -> None:
+    """Held-out loss per round of every trained model and, on a second scale, the federated model's drug-F1."""
+    for model, rows in summary.get("heldout_loss_per_round", {}).items():
+        axes.plot([r["round"] for r in rows], [r["mean"] for r in rows], marker="o", markersize=3, label=model)
+    axes.set_xlabel("round")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_yscale("log")
+    axes.set_ylabel("held-out loss (mean over seeds, log scale)")
+    axes.legend(fontsize=7)
+    f1 = summary.get("f1_per_round", [])
+    if f1:
+        twin = axes.twinx()
+        twin.plot([r["round"] for r in f1], [r["drug_f1"] for r in f1], color="black", linestyle=":", marker="s",
+                  markersize=3)
+        twin.set_ylabel("federated drug-F1 (dotted)")
+        twin.set_ylim(0, 1)
+    axes.set_title("convergence: held-out loss per round")
