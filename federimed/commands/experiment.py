@@ -93,7 +93,8 @@ def hospital_names(size: Size, data_seed: int) -> tuple[list[str], str]:
 
 def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_seed: int, noise: float) -> list[Stage]:
     """Synthesise and ingest the hospitals, then train every model of every seed. The DP model's noise
-    multiplier is rounded up, so that its ε stays within the target."""
+    multiplier is rounded up, so that its ε stays within the target. The runs with all the data come first and
+    the hospitals alone (which together do as much work as one of them) last, so that two lanes stay busy."""
     training, external = hospital_names(size, data_seed)
     stages = [Stage("synthesise", ["synth", "--out", str(paths.synthea), "--hospitals", str(HOSPITALS + 1),
                                    "--patients", str(size.patients), "--seed", str(data_seed), "--force"],
@@ -112,9 +113,9 @@ def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_se
         runs, dp_runs = paths.runs(seed), paths.runs(seed, dp=True)
         jobs = [("federated", runs, "federated", None, []),
                 ("centralized", runs, "centralized", set(training), ["--mode", "centralized"])]
-        jobs += [(f"local {h}", runs, "local-only", {h}, ["--mode", "local", "--hospital", h]) for h in training]
         jobs.append(("federated DP", dp_runs, "federated", None,
                      ["--dp", "--noise-multiplier", str(math.ceil(noise * 1e4) / 1e4), "--delta", str(size.dp_delta)]))
+        jobs += [(f"local {h}", runs, "local-only", {h}, ["--mode", "local", "--hospital", h]) for h in training]
         for job, where, mode, trained_on, args in jobs:
             stages.append(Stage(f"{job} seed {seed}", ["train", *common, "--runs-dir", str(where), *args],
                                 [paths.hospitals], after=ingested,
@@ -132,7 +133,8 @@ def _federated_run(runs: Path) -> Path:
 
 def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list[Stage]:
     """Score every seed's models on the same cases, without retrieval, and on the external hospital; and
-    its DP-federated model on the same held-out cases."""
+    its DP-federated model on the same held-out cases. They run one after another: a stage's share of the
+    cores is fixed when it starts, so a large evaluation beside the small DP one would be left on one core."""
     stages = []
     for seed in size.seeds:
         for dp in (False, True):
@@ -220,7 +222,7 @@ def register(app: typer.Typer) -> None:
             training = training_stages(paths, size, data_seed, split_seed, noise)
             run_stages(training, paths.state, lanes, console)
             evaluation = evaluation_stages(paths, size, hospital_names(size, data_seed)[1])
-            run_stages(evaluation, paths.state, lanes, console)
+            run_stages(evaluation, paths.state, 1, console)  # one at a time, each on every core (see below)
             summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), _spent_epsilon(paths, size))
             summary["heldout_loss_per_round"] = loss_per_round(_loss_curves(paths, size))
         except StageFailed as exc:
