@@ -78,6 +78,7 @@ def test_train_federated_one_tiny_round_on_loopback(tmp_path: Path, monkeypatch:
     assert set(metrics["hospitals"]) == {"alpha", "beta"} and metrics["train_loss"] > 0
     assert (run_dir / "round-1" / "adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
     assert "round 1" in result.output and "alpha" in result.output  # the per-round table
+    assert "federated round 1/1 · " in result.output and " left" in result.output  # not a terminal: a line per round
     assert leftovers((runs / ".flower" / "local").resolve()) == []
 
 

@@ -15,11 +15,13 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
 from federimed.commands import fail
 from federimed.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_ROUNDS, HELDOUT_MAX_DIALOGUES
+from federimed.progress import ProgressLines
 
 console = Console()
 hospital_app = typer.Typer(help="Hospital side of a Flower deployment.", no_args_is_help=True)
@@ -161,18 +163,25 @@ def _server_options(aggregator: str | None, **fields):
 
 
 def federate_with_progress(hospitals: list[Path], options) -> Path:
-    """Run the federation on loopback (SuperLink + one SuperNode per hospital), one table per round."""
+    """Run the federation on loopback (SuperLink + one SuperNode per hospital), one table per round, and the
+    time left: on the bar in a terminal, as a line after each round in a log file."""
+    from federimed.checkpoints import latest_round
     from federimed.fl.deployment import FlowerProcessError, federate_on_loopback
 
+    resumed = options.resume_run and latest_round(Path(options.runs_dir) / options.resume_run)
+    done = resumed[0] if resumed else 0
+    lines = None if console.is_terminal else ProgressLines("federated round", start=done, every=0)
     with Progress(
         TextColumn("[bold]federated[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as progress:
-        task = progress.add_task(f"{len(hospitals)} hospitals", total=options.settings.rounds)
+        task = progress.add_task(f"{len(hospitals)} hospitals", total=options.settings.rounds, completed=done)
 
         def show(metrics: dict) -> None:
             progress.console.print(_round_table(metrics))
             progress.update(task, completed=metrics["round"], description=f"round {metrics['round']} saved")
+            if lines:
+                lines(metrics["round"], options.settings.rounds)
 
         try:
             return federate_on_loopback(hospitals, options, _app_dir(), show)
