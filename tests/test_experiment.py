@@ -94,7 +94,8 @@ def test_loss_per_round_averages_the_seeds_that_recorded_each_round() -> None:
     pooled = loss_per_round(curves)
     assert [r["round"] for r in pooled["federated"]] == [1, 2, 3]
     assert [r["mean"] for r in pooled["federated"]] == pytest.approx([0.8, 0.4, 0.2])
-    assert pooled["local:a"] == [{"round": 1, "mean": pytest.approx(0.9), "per_seed": [1.0, 0.8]}]
+    assert [r["seeds"] for r in pooled["federated"]] == [2, 2, 2]
+    assert pooled["local:a"] == [{"round": 1, "mean": pytest.approx(0.9), "seeds": 2}]  # round 2: no seed recorded it
 
 
 @pytest.mark.parametrize(("epsilon", "rounds"), [(10.0, 4), (4.0, 2), (1.0, 1)])

@@ -61,6 +61,8 @@ def test_train_reports_bad_requests(tmp_path: Path) -> None:
 @pytest.mark.timeout(3000)  # minutes when alone; far more on a busy box
 def test_train_federated_one_tiny_round_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the hospitals' ClientApps share this small machine
+    for forced_terminal in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(forced_terminal, raising=False)
     data, runs = tmp_path / "data", tmp_path / "runs"
     make_hospital(data, "alpha", 3)
     make_hospital(data, "beta", 5)

@@ -134,7 +134,8 @@ def _federated_run(runs: Path) -> Path:
 def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list[Stage]:
     """Score every seed's models on the same cases, without retrieval, and on the external hospital; and
     its DP-federated model on the same held-out cases. They run one after another: a stage's share of the
-    cores is fixed when it starts, so a large evaluation beside the small DP one would be left on one core."""
+    cores is fixed when it starts, so a large evaluation beside the small DP one would keep its share (half
+    the cores with two lanes) after the DP one ended."""
     stages = []
     for seed in size.seeds:
         for dp in (False, True):
@@ -160,7 +161,8 @@ def _loss_curves(paths: ExperimentPaths, size: Size) -> dict[str, list[list[floa
             contenders, _ = find_contenders(RunDir(_federated_run(paths.runs(seed, dp))),
                                             ["federated"] if dp else ["federated", "centralized", "local"])
             for contender in contenders:
-                losses = [m.get("heldout_loss") for m in round_metrics(contender.adapter.parent)]
+                rounds = {m["round"]: m.get("heldout_loss") for m in round_metrics(contender.adapter.parent)}
+                losses = [rounds.get(r) for r in range(1, max(rounds, default=0) + 1)]
                 curves.setdefault("federated-dp" if dp else contender.label, []).append(losses)
     return curves
 
@@ -202,7 +204,7 @@ def register(app: typer.Typer) -> None:
         patients: Annotated[int | None, typer.Option(min=2, help="Patients per hospital [default: 50].")] = None,
         data_seed: Annotated[int, typer.Option(help="Seed of the synthetic hospitals.")] = 7,
         split_seed: Annotated[int, typer.Option(help="Seed of the train / held-out split (recorded by ingest).")] = 13,
-        lanes: Annotated[int, typer.Option(min=1, help="Stages run at once.")] = max(2, os.cpu_count() or 1),
+        lanes: Annotated[int, typer.Option(min=1, help="Training stages run at once (evaluations run one at a time, each on every core).")] = max(2, os.cpu_count() or 1),
     ) -> None:
         """Base, local-only, federated, centralized and DP-federated models, several seeds, the same held-out
         cases and an external hospital: paired differences with 95 % intervals, written to WORKDIR/report."""
@@ -222,7 +224,7 @@ def register(app: typer.Typer) -> None:
             training = training_stages(paths, size, data_seed, split_seed, noise)
             run_stages(training, paths.state, lanes, console)
             evaluation = evaluation_stages(paths, size, hospital_names(size, data_seed)[1])
-            run_stages(evaluation, paths.state, 1, console)  # one at a time, each on every core (see below)
+            run_stages(evaluation, paths.state, 1, console)  # one at a time, each on every core (evaluation_stages)
             summary = pool_seeds(_reports(paths, size, False), _reports(paths, size, True), _spent_epsilon(paths, size))
             summary["heldout_loss_per_round"] = loss_per_round(_loss_curves(paths, size))
         except StageFailed as exc:

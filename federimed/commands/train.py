@@ -164,7 +164,8 @@ def _server_options(aggregator: str | None, **fields):
 
 def federate_with_progress(hospitals: list[Path], options) -> Path:
     """Run the federation on loopback (SuperLink + one SuperNode per hospital), one table per round, and the
-    time left: on the bar in a terminal, as a line after each round in a log file."""
+    time left: on the bar in a terminal (from the second round on), as a line after each round in a log file
+    (the first estimate counts the federation's start-up too)."""
     from federimed.checkpoints import latest_round
     from federimed.fl.deployment import FlowerProcessError, federate_on_loopback
 
@@ -174,13 +175,14 @@ def federate_with_progress(hospitals: list[Path], options) -> Path:
     with Progress(
         TextColumn("[bold]federated[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        speed_estimate_period=24 * 3600,  # rounds take minutes: keep every round in the estimate
     ) as progress:
         task = progress.add_task(f"{len(hospitals)} hospitals", total=options.settings.rounds, completed=done)
 
         def show(metrics: dict) -> None:
             progress.console.print(_round_table(metrics))
             progress.update(task, completed=metrics["round"], description=f"round {metrics['round']} saved")
-            if lines:
+            if lines is not None:
                 lines(metrics["round"], options.settings.rounds)
 
         try:

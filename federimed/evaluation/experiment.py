@@ -154,7 +154,7 @@ def loss_per_round(curves: Mapping[str, list[list[float | None]]]) -> dict[str, 
         for index in range(max(map(len, seeds), default=0)):
             values = [losses[index] for losses in seeds if index < len(losses) and losses[index] is not None]
             if values:
-                rows.append({"round": index + 1, "mean": statistics.fmean(values), "per_seed": values})
+                rows.append({"round": index + 1, "mean": statistics.fmean(values), "seeds": len(values)})
         pooled[model] = rows
     return pooled
 
@@ -165,7 +165,8 @@ def all_pairs(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
-    """Drug-F1 per model (mean, each seed a dot) beside the paired differences with their intervals."""
+    """Drug-F1 per model (mean, each seed a dot), the convergence panel (held-out loss per round of every
+    trained model, federated drug-F1 per round), and the paired differences with their intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,13 +203,15 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
 
 def _plot_rounds(axes: Any, summary: dict[str, Any]) -> None:
     """Held-out loss per round of every trained model and, on a second scale, the federated model's drug-F1."""
-    for model, rows in summary.get("heldout_loss_per_round", {}).items():
+    curves = {model: rows for model, rows in summary.get("heldout_loss_per_round", {}).items() if rows}
+    for model, rows in curves.items():
         axes.plot([r["round"] for r in rows], [r["mean"] for r in rows], marker="o", markersize=3, label=model)
     axes.set_xlabel("round")
     axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.set_yscale("log")
-    axes.set_ylabel("held-out loss (mean over seeds, log scale)")
-    axes.legend(fontsize=7)
+    if curves:
+        axes.set_yscale("log")
+        axes.set_ylabel("held-out loss (mean over seeds, log scale)")
+        axes.legend(fontsize=7)
     f1 = summary.get("f1_per_round", [])
     if f1:
         twin = axes.twinx()
