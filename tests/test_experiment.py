@@ -71,6 +71,18 @@ def test_seeds_are_averaged_case_by_case_against_each_seeds_best_local_model() -
     assert external["mean"] == pytest.approx(statistics.fmean([1.0, 0.0, 1.0, 1.0]) - statistics.fmean([0.5, 0.5, 0.5, 1.0]))
 
 
+def test_the_base_model_may_be_scored_by_one_seed_only() -> None:
+    later = {**REPORTS[1], "models": [m for m in REPORTS[1]["models"] if m["model"] != "base"],
+             "external": [m for m in REPORTS[1]["external"] if m["model"] != "base"], "f1_per_round": []}
+    summary = pool_seeds({0: REPORTS[0], 1: later})
+    assert summary["models"]["base"]["per_seed"] == [0.125] and summary["models"]["federated"]["per_seed"] == [0.75, 0.75]
+    federated = [(1.0 + 1.0) / 2, (1.0 + 0.5) / 2, (0.5 + 1.0) / 2, (0.5 + 0.5) / 2]
+    assert _paired(summary, "federated − base")["mean"] == pytest.approx(statistics.fmean(federated) - 0.125)
+    assert summary["f1_per_round"][1] == {"round": 1, "drug_f1": pytest.approx(0.5), "seeds": 1}
+    with pytest.raises(ExperimentError, match="base"):  # but by one seed at least
+        pool_seeds({1: later})
+
+
 def test_the_cost_of_dp_is_paired_with_the_federated_model_of_the_same_cases() -> None:
     dp = {seed: {**REPORTS[seed], "models": [_entry("federated", [0.5, 0.5, 0.5, 0.5])]} for seed in REPORTS}
     summary = pool_seeds(REPORTS, dp, dp_epsilon=10.0)

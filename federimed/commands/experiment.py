@@ -133,7 +133,8 @@ def _federated_run(runs: Path) -> Path:
 
 def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list[Stage]:
     """Score every seed's models on the same cases, without retrieval, and on the external hospital; and
-    its DP-federated model on the same held-out cases. They run one after another: a stage's share of the
+    its DP-federated model on the same held-out cases. The base model (no seed changes its greedy answers)
+    and the federated model's rounds are scored with the first seed only. They run one after another: a stage's share of the
     cores is fixed when it starts, so a large evaluation beside the small DP one would keep its share (half
     the cores with two lanes) after the DP one ended."""
     stages = []
@@ -143,7 +144,12 @@ def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list
             run = _federated_run(runs)
             args = ["evaluate", "--run", str(run), "--data", str(paths.hospitals), "--runs-dir", str(runs),
                     "--retrieval", "off", "--max-cases", str(size.max_cases), "--max-new-tokens", str(size.answer_tokens)]
-            args += ["--compare", "federated", "--no-rounds"] if dp else ["--external", str(paths.external / external)]
+            if dp:
+                args += ["--compare", "federated", "--no-rounds"]
+            else:
+                args += ["--external", str(paths.external / external)]
+                if seed != size.seeds[0]:  # the base model and the rounds: scored with the first seed only
+                    args += ["--compare", "local,federated,centralized", "--no-rounds"]
             stages.append(Stage(f"evaluate seed {seed}{' DP' if dp else ''}", args, [runs, paths.hospitals, paths.external],
                                 produced=lambda run=run: (run / "eval" / "report.json").is_file()))
     return stages

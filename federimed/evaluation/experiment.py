@@ -46,13 +46,21 @@ def _pair(label: str, left: dict[str, float], right: dict[str, float], scale: fl
     return {"comparison": label, **asdict(paired_difference([left[i] for i in ids], [right[i] for i in ids], scale=scale))}
 
 
+SEED_FREE = frozenset({"base"})
+"""Models that no training seed changes (greedy answers of the bare base model): scored by one seed at least."""
+
+
 def _model(reports: SeedReports, name: str, section: str = "models") -> list[dict[str, float]]:
+    """The per-case drug-F1 of `name` in every seed's report (of a seed-free model: in those that scored it)."""
     found = []
     for seed, report in sorted(reports.items()):
         scores = _plain(report, section)
-        if name not in scores:
+        if name in scores:
+            found.append(scores[name])
+        elif name not in SEED_FREE:
             raise ExperimentError(f"seed {seed}: model {name!r} missing from the {section} of run {report['run']}")
-        found.append(scores[name])
+    if not found:
+        raise ExperimentError(f"no seed scored model {name!r} in the {section}")
     return found
 
 
@@ -63,7 +71,7 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         raise ExperimentError("no seed was evaluated")
     seeds = sorted(reports)
     first = reports[seeds[0]]
-    names = list(_plain(first))
+    names = list(dict.fromkeys(name for seed in seeds for name in _plain(reports[seed])))
     per_seed = {name: _means(_model(reports, name)) for name in names}
     best_locals = [_best_local(reports[s]) for s in seeds]
 
@@ -95,7 +103,8 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         ext_best = _averaged([_plain(reports[s], "external")[b] for s, b in zip(seeds, best_locals)], "external best local")
         summary["external"] = {
             "cases": len(ext_federated),
-            "models": {name: _spread(_means(_model(reports, name, "external"))) for name in _plain(first, "external")},
+            "models": {name: _spread(_means(_model(reports, name, "external")))
+                       for name in dict.fromkeys(n for seed in seeds for n in _plain(reports[seed], "external"))},
             "paired": [_pair("federated − best local-only (chosen on the training hospitals)", ext_federated, ext_best)],
         }
     if dp_reports:
