@@ -134,9 +134,9 @@ def _federated_run(runs: Path) -> Path:
 def evaluation_stages(paths: ExperimentPaths, size: Size, external: str) -> list[Stage]:
     """Score every seed's models on the same cases, without retrieval, and on the external hospital; and
     its DP-federated model on the same held-out cases. The base model (no seed changes its greedy answers)
-    and the federated model's rounds are scored with the first seed only. They run one after another: a stage's share of the
-    cores is fixed when it starts, so a large evaluation beside the small DP one would keep its share (half
-    the cores with two lanes) after the DP one ended."""
+    and the federated model's rounds are scored with the first seed only. They run one after another: a
+    stage's share of the cores is fixed when it starts, so a large evaluation beside the small DP one would
+    keep its share (half the cores with two lanes) after the DP one ended."""
     stages = []
     for seed in size.seeds:
         for dp in (False, True):

@@ -50,6 +50,11 @@ SEED_FREE = frozenset({"base"})
 """Models that no training seed changes (greedy answers of the bare base model): scored by one seed at least."""
 
 
+def _names(reports: SeedReports, section: str = "models") -> list[str]:
+    """Every model (without retrieval) that any seed scored in `section`, in the order they appear."""
+    return list(dict.fromkeys(name for report in reports.values() for name in _plain(report, section)))
+
+
 def _model(reports: SeedReports, name: str, section: str = "models") -> list[dict[str, float]]:
     """The per-case drug-F1 of `name` in every seed's report (of a seed-free model: in those that scored it)."""
     found = []
@@ -71,8 +76,7 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         raise ExperimentError("no seed was evaluated")
     seeds = sorted(reports)
     first = reports[seeds[0]]
-    names = list(dict.fromkeys(name for seed in seeds for name in _plain(reports[seed])))
-    per_seed = {name: _means(_model(reports, name)) for name in names}
+    per_seed = {name: _means(_model(reports, name)) for name in _names(reports)}
     best_locals = [_best_local(reports[s]) for s in seeds]
 
     def averaged(name: str, section: str = "models") -> dict[str, float]:
@@ -103,8 +107,7 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         ext_best = _averaged([_plain(reports[s], "external")[b] for s, b in zip(seeds, best_locals)], "external best local")
         summary["external"] = {
             "cases": len(ext_federated),
-            "models": {name: _spread(_means(_model(reports, name, "external")))
-                       for name in dict.fromkeys(n for seed in seeds for n in _plain(reports[seed], "external"))},
+            "models": {name: _spread(_means(_model(reports, name, "external"))) for name in _names(reports, "external")},
             "paired": [_pair("federated − best local-only (chosen on the training hospitals)", ext_federated, ext_best)],
         }
     if dp_reports:
