@@ -4,10 +4,12 @@ Run: `.venv/bin/python bench/train_speed.py [--steps N] [--batch-size B] [--seq-
 Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or bf16 autocast), the dtype
 the frozen base weights are held in (float32 or bfloat16), activation checkpointing off or on, and the
 attention kernel (`TrainSettings.attention`: eager, or "+sdpa" torch's fused one; the product's "auto" is
-eager for bf16 and sdpa for fp32 on a CPU). Each
-configuration runs in its own child process, so that its peak resident memory is its own: what one
-hospital's training process needs. "+fixed-heap" fixes glibc's mmap threshold
-(`federimed.memory.return_freed_memory`, which the checkpointing configurations always do). Every synthetic dialogue fills `seq_len` tokens (its case text is cut
+eager for bf16 and sdpa for fp32 on a CPU), the micro-batch ("+micro-N": each step's batch accumulated in
+passes of N dialogues, `TrainSettings.micro_batch_size`) and the malloc ("+jemalloc", "+tcmalloc": preloaded,
+`federimed.memory.with_allocator`; skipped where not installed; glibc's otherwise). Each configuration runs
+in its own child process, so that its peak resident memory is its own: what one hospital's training process
+needs. "+fixed-heap" fixes glibc's mmap threshold (`federimed.memory.return_freed_memory`, which
+checkpointing does under glibc's malloc); each run records the malloc it ran with. Every synthetic dialogue fills `seq_len` tokens (its case text is cut
 to fit) with a short answer, as the longest real case dialogues do; tokens counts non-padding tokens. The
 configurations take turns, `--rounds` times, so that a noisy shared machine slows them alike; the median
 of each is reported, with the CPU's model and flags and each run's first loss (the same batch: the
@@ -26,22 +28,44 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 REAL = Path(__file__).parent / "results" / "train_speed_real.json"
 _CASE = "A {age}-year-old patient with {finding}, blood pressure 150/95 mmHg, HbA1c 7.9 %, BMI 31. "
 _FINDINGS = ("essential hypertension", "type 2 diabetes", "hyperlipidemia", "acute bronchitis", "COPD")
 _ANSWERS = ("lisinopril 10 MG Oral Tablet", "metformin hydrochloride 500 MG", "simvastatin 20 MG", "amoxicillin")
-CONFIGS = {  # name: (precision, base weight dtype, activation checkpointing, fixed mmap threshold, attention)
-    "fp32": ("fp32", "float32", False, False, "eager"),
-    "bf16": ("bf16", "float32", False, False, "eager"),
-    "fp32+sdpa": ("fp32", "float32", False, False, "sdpa"),
-    "bf16+sdpa": ("bf16", "float32", False, False, "sdpa"),
-    "bf16+fixed-heap": ("bf16", "float32", False, True, "eager"),
-    "bf16+bf16-weights": ("bf16", "bfloat16", False, False, "eager"),
-    "fp32+checkpointing": ("fp32", "float32", True, True, "eager"),
-    "bf16+checkpointing": ("bf16", "float32", True, True, "eager"),
-    "bf16+bf16-weights+checkpointing": ("bf16", "bfloat16", True, True, "eager"),
+
+
+class Config(NamedTuple):
+    precision: str
+    base_weights: str = "float32"
+    checkpointing: bool = False
+    fixed_heap: bool = False
+    attention: str = "eager"
+    micro_batch: int = 0
+    allocator: str = "system"
+
+
+CONFIGS = {
+    "fp32": Config("fp32"),
+    "bf16": Config("bf16"),
+    "fp32+sdpa": Config("fp32", attention="sdpa"),
+    "bf16+sdpa": Config("bf16", attention="sdpa"),
+    "bf16+fixed-heap": Config("bf16", fixed_heap=True),
+    "bf16+bf16-weights": Config("bf16", "bfloat16"),
+    "bf16+jemalloc": Config("bf16", allocator="jemalloc"),
+    "bf16+tcmalloc": Config("bf16", allocator="tcmalloc"),
+    "bf16+bf16-weights+jemalloc": Config("bf16", "bfloat16", allocator="jemalloc"),
+    "bf16+bf16-weights+micro-2": Config("bf16", "bfloat16", micro_batch=2),
+    "bf16+bf16-weights+micro-1": Config("bf16", "bfloat16", micro_batch=1),
+    "bf16+bf16-weights+micro-1+jemalloc": Config("bf16", "bfloat16", micro_batch=1, allocator="jemalloc"),
+    "bf16+bf16-weights+micro-1+tcmalloc": Config("bf16", "bfloat16", micro_batch=1, allocator="tcmalloc"),
+    "fp32+checkpointing": Config("fp32", checkpointing=True, fixed_heap=True),
+    "bf16+checkpointing": Config("bf16", checkpointing=True, fixed_heap=True),
+    "bf16+checkpointing+tcmalloc": Config("bf16", checkpointing=True, allocator="tcmalloc"),
+    "bf16+bf16-weights+checkpointing+tcmalloc": Config("bf16", "bfloat16", checkpointing=True, allocator="tcmalloc"),
+    "bf16+bf16-weights+checkpointing": Config("bf16", "bfloat16", checkpointing=True, fixed_heap=True),
 }
 
 
@@ -78,22 +102,23 @@ def real_examples(tokenizer, data: Path, seq_len: int):
 def child(config: str, steps: int, batch_size: int, seq_len: int, data: Path | None) -> dict:
     """One configuration in this process: a warm-up step, then `steps` timed steps."""
     from federimed.config import LoraSettings, ModelSettings, TrainSettings
-    from federimed.memory import peak_rss_mb, return_freed_memory
+    from federimed.memory import peak_rss_mb, preloaded_allocator, return_freed_memory
     from federimed.model import add_lora, load_base
     from federimed.training import train_local
 
-    precision, dtype, checkpointing, fixed_heap, attention = CONFIGS[config]
-    if fixed_heap:
+    chosen = CONFIGS[config]
+    if chosen.fixed_heap:
         return_freed_memory()
-    model, tokenizer = load_base(ModelSettings(dtype=dtype))
+    model, tokenizer = load_base(ModelSettings(dtype=chosen.base_weights))
     model = add_lora(model, LoraSettings(), seed=0)
-    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, checkpointing=checkpointing,
-                             attention=attention)
+    settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=chosen.precision,
+                             checkpointing=chosen.checkpointing, attention=chosen.attention,
+                             micro_batch_size=chosen.micro_batch)
     examples = real_examples(tokenizer, data, seq_len) if data else synthetic_examples(tokenizer, 4 * batch_size, seq_len)
     first = train_local(model, tokenizer, examples, settings, steps=1)
     result = train_local(model, tokenizer, examples, settings, steps=steps, start_step=1, total_steps=steps + 1)
     return {"tokens_per_s": result.tokens_per_s, "seconds_per_step": result.seconds / steps,
-            "first_loss": first.loss, "peak_rss_mb": peak_rss_mb()}
+            "first_loss": first.loss, "peak_rss_mb": peak_rss_mb(), "malloc": preloaded_allocator() or "glibc"}
 
 
 def main() -> None:
@@ -115,27 +140,33 @@ def main() -> None:
     import torch
 
     from federimed.cpu import this_cpu
+    from federimed.memory import allocator_library, with_allocator
 
-    configs = args.configs.split(",")
+    configs = [c for c in args.configs.split(",")
+               if CONFIGS[c].allocator == "system" or allocator_library(CONFIGS[c].allocator)]
+    if skipped := set(args.configs.split(",")) - set(configs):
+        print(f"skipped (allocator not installed): {', '.join(sorted(skipped))}", flush=True)
     samples: dict[str, list[dict]] = {c: [] for c in configs}
     for round_number in range(args.rounds):
         for config in configs:
             argv = [sys.executable, __file__, "--child", config, "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
             argv += ["--data", str(args.data)] if args.data else []
-            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            env = with_allocator(inherited, CONFIGS[config].allocator)
+            out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
             samples[config].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {round_number + 1} {config}: {samples[config][-1]}", flush=True)
     result = {
         "configurations": {
             name: {
-                "precision": CONFIGS[name][0], "base_weights": CONFIGS[name][1], "checkpointing": CONFIGS[name][2],
-                "fixed_mmap_threshold": CONFIGS[name][3], "attention": CONFIGS[name][4],
+                **CONFIGS[name]._asdict(),
                 "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in runs), 1),
                 "seconds_per_step": round(statistics.median(s["seconds_per_step"] for s in runs), 3),
                 "peak_rss_mb": max(s["peak_rss_mb"] for s in runs),
                 "first_loss": round(runs[0]["first_loss"], 4),
                 "runs_tokens_per_s": [round(s["tokens_per_s"], 1) for s in runs],
+                "malloc": sorted({s["malloc"] for s in runs}),
             }
             for name, runs in samples.items()
         },

@@ -116,11 +116,16 @@ class TrainSettings(_Settings):
         description="attention kernel in training: auto (eager where a CPU trains in bf16, the model's own "
         "elsewhere; `federimed.training.attention_kernel`), eager or sdpa",
     )
+    micro_batch_size: int = Field(
+        0, ge=0,
+        description="dialogues per forward and backward pass; a step accumulates its batch in passes of this many "
+        "(the same gradient, less activation memory; 0: the whole batch at once)",
+    )
     checkpointing: bool = Field(
         False,
         description="low-memory training: recompute each layer's activations in the backward pass instead of "
-        "keeping them, and give freed memory back to the system (`federimed.memory`): about 1.2 GB per site at "
-        "batch 4 instead of 2.8, at about a quarter of the speed (README 'Memory per hospital')",
+        "keeping them (under glibc's malloc also giving freed memory back, `federimed.memory`): about 1.8 GB per "
+        "site at batch 4 instead of 3.1, at two thirds of the speed with tcmalloc (README 'Memory per hospital')",
     )
 
     @model_validator(mode="before")

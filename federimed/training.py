@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,11 @@ class Example:
     def first_label(self) -> int:
         """Index of the first labelled token."""
         return int((self.labels != IGNORE).nonzero()[0])
+
+    @property
+    def labelled(self) -> int:
+        """How many tokens carry a label and follow a token to predict them from (what `batch_loss` averages)."""
+        return int((self.labels[1:] != IGNORE).sum())
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,30 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return loss, count
 
 
+def accumulate_gradients(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device, micro_batch_size: int,
+    autocast: AbstractContextManager,
+) -> tuple[float, int]:
+    """Backpropagate the batch's mean token loss in passes of `micro_batch_size` examples (0: one pass).
+
+    Each pass's loss is weighted by its share of the batch's labelled tokens, so the accumulated gradient is
+    the whole batch's (with LoRA dropout, in expectation: the masks are drawn pass by pass); only one pass's
+    activations are alive at a time. Returns the batch's loss and its non-padding tokens.
+    """
+    size = micro_batch_size or len(examples)
+    total = sum(e.labelled for e in examples)
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for start in range(0, len(examples), size):
+        batch = collate(examples[start : start + size], pad_id, device)
+        with autocast:
+            loss, count = batch_loss(model, batch)
+        weight = count / total
+        (loss * weight).backward()
+        loss_sum += loss.detach().float() * weight
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum.item(), tokens
+
+
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Endless batches of indices, one shuffled pass over the data after another.
 
@@ -299,17 +328,17 @@ def train_local(
         for step in range(start_step, start_step + steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, settings)
-            batch = collate([examples[i] for i in next(sampler)], pad_id, device)
-            with autocast:
-                loss, _ = batch_loss(model, batch)
-            loss.backward()
+            chosen = [examples[i] for i in next(sampler)]
+            loss, batch_tokens = accumulate_gradients(
+                model, chosen, pad_id, device, settings.micro_batch_size, autocast
+            )
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            seen += len(batch["input_ids"])
-            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss)
+            seen += len(chosen)
+            tokens += batch_tokens
             bar(f"loss {losses[-1]:.3f}")
     return TrainResult(sum(losses) / len(losses), steps, seen, tokens, time.perf_counter() - started)
 

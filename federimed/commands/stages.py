@@ -19,6 +19,8 @@ from typing import IO
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from federimed.memory import with_allocator
+
 POLL_S = 0.5
 STOP_GRACE_S = 60.0
 """How long a stage stopped with SIGINT (which lets `federimed train` stop its Flower processes) may take."""
@@ -52,6 +54,11 @@ class Stage:
                 if file.is_file() and not file.name.startswith("."):
                     digest.update(f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
         return digest.hexdigest()
+
+    @property
+    def trains(self) -> bool:
+        """A `federimed train` stage: it runs with the training malloc (`federimed.memory.with_allocator`)."""
+        return self.args[:1] == ["train"]
 
     def stamp(self, state_dir: Path) -> Path:
         """Where the fingerprint of the stage's last successful run is kept."""
@@ -135,7 +142,7 @@ def _start(stage: Stage, state_dir: Path, bar: Progress, threads: int | None) ->
     log = log_path(state_dir, stage.name).open("w", encoding="utf-8")
     log.write(f"$ federimed {' '.join(stage.args)}\n")
     log.flush()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = (with_allocator(os.environ) if stage.trains else dict(os.environ)) | {"PYTHONUNBUFFERED": "1"}
     if threads and "OMP_NUM_THREADS" not in env:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     process = subprocess.Popen(  # its own session: Ctrl+C reaches it through `_stop`, once

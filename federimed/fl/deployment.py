@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from federimed.memory import with_allocator
+
 if TYPE_CHECKING:
     from federimed.fl.settings import ServerOptions
     from federimed.security.certs import TlsFiles
@@ -251,7 +253,7 @@ def start_supernode(
         "--host", LOOPBACK, "--port", str(port), "--node-config", node_config_arg(config),
     ]
     limit = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
-    process = start(name, argv, log=log, env=flower_env(flwr_home, limit))
+    process = start(name, argv, log=log, env=with_allocator(flower_env(flwr_home, limit)))
     if wait:
         _await_port(process, LOOPBACK, port)
     return process
