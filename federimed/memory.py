@@ -86,7 +86,7 @@ def with_allocator(env: Mapping[str, str], allocator: str | None = None) -> dict
         log.warning("%s=%r is none of auto, system, %s: taking auto",
                     ALLOCATOR_VARIABLE, allocator, ", ".join(ALLOCATORS))
         allocator = "auto"
-    names = list(ALLOCATORS) if allocator == "auto" else [allocator] if allocator != "system" else []
+    names = {"auto": list(ALLOCATORS), "system": []}.get(allocator, [allocator])
     library = next((lib for name in names if (lib := allocator_library(name))), None)
     if allocator not in ("auto", "system") and library is None:
         log.warning("%s=%s: the library is not installed; training keeps glibc's malloc",

@@ -3,6 +3,9 @@ what tests comparing two ways of computing the same step (precision, checkpointi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from dialogue_samples import TREATMENTS, dialogues
 
@@ -30,9 +33,26 @@ def adapter_and_batch(base) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return peft, collate(examples, pad_id, torch.device("cpu"))
 
 
+def adapter_grads(peft: torch.nn.Module) -> torch.Tensor:
+    """The adapter's gradient, flattened."""
+    return torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
+
+
 def loss_and_grads(peft: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
     """The batch's loss and the adapter's gradient, flattened (gradients cleared first)."""
     peft.zero_grad(set_to_none=True)
     loss, _ = batch_loss(peft, batch)
     loss.backward()
-    return loss.item(), torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
+    return loss.item(), adapter_grads(peft)
+
+
+@contextmanager
+def forward_passes(peft: torch.nn.Module) -> Iterator[list[int]]:
+    """Within the block, the list holds the batch width of each forward pass of `peft`."""
+    widths: list[int] = []
+    hook = peft.register_forward_hook(lambda _m, _a, kwargs, _o: widths.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    try:
+        yield widths
+    finally:
+        hook.remove()

@@ -11,11 +11,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from gradient_support import adapter_and_batch, adapter_and_examples, loss_and_grads
+from gradient_support import adapter_and_batch, adapter_and_examples, adapter_grads, forward_passes, loss_and_grads
 
 from federimed import memory
-from federimed.memory import allocator_library, with_allocator
 from federimed.config import TrainSettings
+from federimed.memory import allocator_library, with_allocator
 from federimed.training import accumulate_gradients, collate, set_checkpointing, train_local
 
 _CHURN = """
@@ -65,39 +65,34 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(base) -> None:
     assert len({e.labelled for e in examples}) > 1  # weighting by examples instead of tokens would show
     peft.train()
     whole_loss, whole_grads = loss_and_grads(peft, collate(examples, pad_id, torch.device("cpu")))
-    passes = []
-    hook = peft.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[0]),
-                                      with_kwargs=True)
     for size, widths in ((1, [1, 1, 1, 1]), (3, [3, 1])):
         peft.zero_grad(set_to_none=True)
-        passes.clear()
-        loss, tokens = accumulate_gradients(peft, examples, pad_id, torch.device("cpu"), size, nullcontext())
-        grads = torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
+        with forward_passes(peft) as passes:
+            loss, tokens = accumulate_gradients(peft, examples, pad_id, torch.device("cpu"), size, nullcontext())
         assert passes == widths
         assert loss == pytest.approx(whole_loss, rel=1e-5), size
-        torch.testing.assert_close(grads, whole_grads, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adapter_grads(peft), whole_grads, rtol=1e-4, atol=1e-6)
         assert tokens == sum(len(e.input_ids) for e in examples)
-    hook.remove()
     peft.zero_grad(set_to_none=True)
 
 
 def test_train_local_steps_alike_with_micro_batches(base) -> None:
     """`TrainSettings.micro_batch_size` reaches the training loop and leaves the step where it was."""
     peft, examples, _ = adapter_and_examples(base)
-    start = {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
-    passes = []
-    hook = peft.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[0]),
-                                      with_kwargs=True)
+
+    def adapter() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
+
+    start = adapter()
 
     def one_step(micro: int) -> tuple[float, list[int], dict[str, torch.Tensor]]:
         peft.load_state_dict(start, strict=False)
-        passes.clear()
         settings = TrainSettings(batch_size=4, seq_len=128, precision="fp32", micro_batch_size=micro)
-        result = train_local(peft, base[1], examples, settings, steps=1)
-        return result.loss, list(passes), {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
+        with forward_passes(peft) as passes:
+            result = train_local(peft, base[1], examples, settings, steps=1)
+        return result.loss, passes, adapter()
 
     (whole_loss, whole_passes, whole), (micro_loss, micro_passes, micro) = one_step(0), one_step(1)
-    hook.remove()
     peft.load_state_dict(start, strict=False)
     assert (whole_passes, micro_passes) == ([4], [1, 1, 1, 1])
     assert micro_loss == pytest.approx(whole_loss, rel=1e-5)
