@@ -70,7 +70,7 @@ def test_local_only_trains_one_hospital_and_scores_every_hospital(data_dir, tmp_
     run = train_local_only(data_dir, "south", SETTINGS, tmp_path / "runs")
     latest = list_versions(tmp_path / "runs")[0]
     assert (latest.mode, latest.hospitals, latest.examples, latest.round) == ("local-only", {"south": 6}, 6, 2)
-    assert latest.metrics["steps"] == 2 and set(latest.metrics["hospitals"]) == {"north", "south"}
+    assert latest.run_id == run.id and latest.metrics["steps"] == 2 and set(latest.metrics["hospitals"]) == {"north", "south"}
     assert not (tmp_path / "runs" / "latest").exists()  # baselines are for evaluation: doctors are not served them
 
 

@@ -277,3 +277,24 @@ def test_fednova_normalises_each_update_by_its_local_steps() -> None:
     new = _round(AdapterFedAvg(hospitals=3, aggregator="fednova"), 1, g, states, same_steps)
     for key in KEYS:
         np.testing.assert_allclose(new[key], sum(share[n] * states[n][key] for n in states), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fednova_server_learning_rate_scales_its_step() -> None:
+    """η = Σ τᵢ / τ_eff: x ← x + Σ τᵢ · Σ pᵢ (xᵢ − x) / τᵢ, as many steps along the mean step as centralized takes."""
+    from federimed.fl.strategy import AdapterFedAvg
+
+    g = _global()
+    states = {1: _honest(g, 4), 2: _honest(g, 5)}
+    sizes, steps = {1: 150, 2: 37}, {1: 38, 2: 10}
+    metrics = {n: {"num-examples": sizes[n], "steps": steps[n]} for n in states}
+    share = {n: sizes[n] / sum(sizes.values()) for n in states}
+    tau_eff = sum(share[n] * steps[n] for n in states)
+    lr = sum(steps.values()) / tau_eff
+    new = _round(AdapterFedAvg(hospitals=2, aggregator="fednova", server_lr=lr), 1, g, states, metrics)
+    for key in KEYS:
+        expected = g[key] + sum(steps.values()) * sum(share[n] * (states[n][key] - g[key]) / steps[n] for n in states)
+        np.testing.assert_allclose(new[key], expected, rtol=1e-5, atol=1e-6)
+        plain = g[key] + tau_eff * sum(share[n] * (states[n][key] - g[key]) / steps[n] for n in states)
+        assert not np.allclose(new[key], plain, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="server_lr must be > 0"):
+        AdapterFedAvg(hospitals=2, aggregator="fednova", server_lr=0.0)

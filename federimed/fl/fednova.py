@@ -8,9 +8,11 @@ patients almost vanish from the global model (on the demo's federation: 92 / 5 /
 189 / 46 / 34 dialogues, against 70 / 17 / 13 % in centralized training). FedNova divides each update by
 its steps before the weighted mean, then takes τ_eff = Σ pᵢ τᵢ steps along it:
 
-    x ← x + τ_eff · Σᵢ pᵢ (xᵢ − x) / τᵢ,   pᵢ = nᵢ / Σ n,   τ_eff = Σᵢ pᵢ τᵢ
+    x ← x + η · τ_eff · Σᵢ pᵢ (xᵢ − x) / τᵢ,   pᵢ = nᵢ / Σ n,   τ_eff = Σᵢ pᵢ τᵢ
 
-With equal steps everywhere this is FedAvg.
+With η = 1 (the server learning rate) and equal steps everywhere this is FedAvg. Centralized training
+takes Σ τᵢ steps for the same gradient work, so η = Σ τᵢ / τ_eff moves the global adapter as many steps
+along the averaged per-step update as centralized takes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ STEPS_KEY = "steps"
 class FedNova(FedAvg):
     """FedAvg with step-normalised updates; `current_arrays` must hold the global adapter sent this round."""
 
-    def __init__(self, *, weighted_by_key: str, steps_key: str = STEPS_KEY) -> None:
+    def __init__(self, *, weighted_by_key: str, steps_key: str = STEPS_KEY, server_lr: float = 1.0) -> None:
         super().__init__(weighted_by_key=weighted_by_key)
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
         self.steps_key = steps_key
+        self.server_lr = server_lr
         self.current_arrays: ArrayRecord | None = None
 
     def aggregate_train(
@@ -45,12 +50,12 @@ class FedNova(FedAvg):
         weights = np.array([float(r.content["metrics"][self.weighted_by_key]) for r in valid])
         steps = np.array([float(r.content["metrics"][self.steps_key]) for r in valid])
         share = weights / weights.sum()
-        tau_eff = float(share @ steps)
+        step = self.server_lr * float(share @ steps)  # η · τ_eff
         start = self.current_arrays
         updated = {}
         for key in start:
             origin = start[key].numpy()
             direction = sum(p / t * (r.content["arrays"][key].numpy() - origin) for p, t, r in zip(share, steps, valid))
-            updated[key] = Array(np.asarray(origin + tau_eff * direction, dtype=origin.dtype))
+            updated[key] = Array(np.asarray(origin + step * direction, dtype=origin.dtype))
         self.current_arrays = ArrayRecord(updated)
         return self.current_arrays, metrics

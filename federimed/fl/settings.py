@@ -80,7 +80,7 @@ class ServerOptions(BaseModel):
         "fednova",
         description="how accepted replies are combined; left out, fednova, or fedavg under dp or secagg [aggregator]",
     )
-    server_lr: float = Field(1.0, gt=0, description="fedavgm: the server's learning rate [server-lr]")
+    server_lr: float = Field(1.0, gt=0, description="fedavgm and fednova: the server's learning rate [server-lr]")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: the server's momentum [server-momentum]")
     trim_fraction: float = Field(
         0.34, gt=0, lt=0.5, description="share trimmed at each end by trimmed-mean [trim-fraction]"

@@ -101,7 +101,7 @@ class AdapterFedAvg(FedAvg):
     `first_round` shifts round numbers so a resumed run continues its numbering (strategy.start counts
     from 1): `server-round` in the train config and all ledger entries use the run's round numbers.
     Replies whose update norm exceeds `max_update_norm` (0: no bound) or that are malformed are rejected;
-    `aggregator` is "fedavg", "fednova" (step-normalised), "fedavgm" (server SGD with `server_lr` and `server_momentum`), "trimmed-mean"
+    `aggregator` is "fedavg", "fednova" (step-normalised, `server_lr` times τ_eff steps), "fedavgm" (server SGD with `server_lr` and `server_momentum`), "trimmed-mean"
     (trimming `trim_fraction` at each end) or "median".
     `secure`: the replies come from a `federimed.fl.secagg.SecAggGrid` and all carry the SecAgg+ aggregate,
     so no per-hospital update norm exists (the hospitals check their own bound) and none is recorded.

@@ -164,6 +164,7 @@ def make_aggregator(
     """Flower's strategy whose `aggregate_train` implements `name` (one of AGGREGATORS).
 
     `fednova` and `fedavgm` need the round's global adapter in `current_arrays` before aggregating.
+    `fednova`: takes server_lr · τ_eff steps along the step-normalised mean (`federimed.fl.fednova`).
     `fedavgm`: global ← global − server_lr · m, m ← server_momentum · m + (global − weighted mean).
     `trimmed-mean` drops int(trim_fraction × n) values at each end of every coordinate (n replies):
     0.34 trims one of three hospitals each side; with fewer than 1/trim_fraction replies it trims none.
@@ -171,7 +172,7 @@ def make_aggregator(
     if name == "fedavg":
         return FedAvg(weighted_by_key=WEIGHT_KEY)
     if name == "fednova":
-        return FedNova(weighted_by_key=WEIGHT_KEY)
+        return FedNova(weighted_by_key=WEIGHT_KEY, server_lr=server_lr)
     if name == "fedavgm":
         return FedAvgM(weighted_by_key=WEIGHT_KEY, server_learning_rate=server_lr, server_momentum=server_momentum)
     if name == "trimmed-mean":
