@@ -137,7 +137,9 @@ def _heldout_metrics(model, heldout: Mapping[str, list[Example]], settings: RunS
             log.warning("hospital %r has an empty held-out set; no held-out loss for it", hospital)
             hospitals[hospital] = {"heldout_loss": None, "heldout_tokens": 0}
             continue
-        loss, n = evaluate_loss(model, examples, settings.eval_batch_size, settings.train.precision)
+        loss, n = evaluate_loss(
+            model, examples, settings.eval_batch_size, settings.train.precision, settings.train.pad_to_multiple_of
+        )
         hospitals[hospital] = {"heldout_loss": loss, "heldout_tokens": n}
         total, tokens = total + loss * n, tokens + n
     return {"heldout_loss": total / tokens if tokens else None, "heldout_tokens": tokens, "hospitals": hospitals}

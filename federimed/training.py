@@ -194,13 +194,16 @@ def lr_at(step: int, total_steps: int, settings: TrainSettings) -> float:
     return floor + 0.5 * (settings.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-pad a batch to its longest example, so every answer ends at the last position.
+def collate(
+    examples: Sequence[Example], pad_id: int, device: torch.device, multiple: int = 1
+) -> dict[str, torch.Tensor]:
+    """Left-pad a batch to its longest example rounded up to a `multiple`, so every answer ends at the last
+    position and batches take few distinct shapes.
 
     Returns input_ids, attention_mask, position_ids, labels and `keep`: how many final positions hold
-    all the predictions that carry a label (logits are computed only for those).
+    all the predictions that carry a label (logits are computed only for those; also a `multiple`).
     """
-    width = max(len(e.input_ids) for e in examples)
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -213,6 +216,7 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
         keep = max(keep, n - example.first_label + 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    keep = -(-keep // multiple) * multiple
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()} | {"keep": min(keep, width)}
 
 
@@ -238,7 +242,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 def accumulate_gradients(
     model: nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device, micro_batch_size: int,
-    autocast: AbstractContextManager,
+    autocast: AbstractContextManager, multiple: int = 1,
 ) -> tuple[float, int]:
     """Backpropagate the batch's mean token loss in passes of `micro_batch_size` examples (0: one pass).
 
@@ -250,7 +254,7 @@ def accumulate_gradients(
     total = sum(e.labelled for e in examples)
     loss_sum, tokens = torch.zeros((), device=device), 0
     for start in range(0, len(examples), size):
-        batch = collate(examples[start : start + size], pad_id, device)
+        batch = collate(examples[start : start + size], pad_id, device, multiple)
         with autocast:
             loss, count = batch_loss(model, batch)
         weight = count / total
@@ -330,7 +334,7 @@ def train_local(
                 group["lr"] = lr_at(step, total_steps, settings)
             chosen = [examples[i] for i in next(sampler)]
             loss, batch_tokens = accumulate_gradients(
-                model, chosen, pad_id, device, settings.micro_batch_size, autocast
+                model, chosen, pad_id, device, settings.micro_batch_size, autocast, settings.pad_to_multiple_of
             )
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
@@ -408,7 +412,7 @@ def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Calla
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, examples: Sequence[Example], batch_size: int = 8, precision: str = "fp32"
+    model: nn.Module, examples: Sequence[Example], batch_size: int = 8, precision: str = "fp32", multiple: int = 1
 ) -> tuple[float, int]:
     """Mean loss per assistant token over `examples` (no gradients), and the number of those tokens.
 
@@ -424,7 +428,7 @@ def evaluate_loss(
     total, count = 0.0, 0
     for i in range(0, len(ordered), batch_size):
         with training_autocast(precision, device):
-            loss, n = batch_loss(model, collate(ordered[i : i + batch_size], 0, device))
+            loss, n = batch_loss(model, collate(ordered[i : i + batch_size], 0, device, multiple))
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / count, count

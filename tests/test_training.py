@@ -106,10 +106,18 @@ def test_padded_batch_loss_equals_unpadded_loss(peft, tokenizer):
         counts = [int((e.labels[1:] != IGNORE).sum()) for e in examples]
         batched, count = batch_loss(peft, collate(examples, tokenizer.pad_token_id, torch.device("cpu")))
         evaluated, evaluated_count = evaluate_loss(peft, examples, batch_size=2, precision="fp32")
+        bucketed = collate(examples, tokenizer.pad_token_id, torch.device("cpu"), multiple=32)
+        bucketed_loss, bucketed_count = batch_loss(peft, bucketed)
+        evaluated_bucketed, _ = evaluate_loss(peft, examples, batch_size=2, precision="fp32", multiple=32)
     expected = sum(s * c for s, c in zip(singles, counts)) / sum(counts)
-    assert count == evaluated_count == sum(counts)
+    assert count == evaluated_count == bucketed_count == sum(counts)
     assert batched.item() == pytest.approx(expected, rel=1e-4)
     assert evaluated == pytest.approx(expected, rel=1e-4)
+    longest = max(len(e.input_ids) for e in examples)
+    assert bucketed["input_ids"].shape[1] % 32 == 0 and longest <= bucketed["input_ids"].shape[1] < longest + 32
+    assert bucketed["keep"] % 32 == 0 or bucketed["keep"] == bucketed["input_ids"].shape[1]
+    assert bucketed_loss.item() == pytest.approx(expected, rel=1e-4)
+    assert evaluated_bucketed == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize(("precision", "kernel"), [("bf16", "eager"), ("fp32", "sdpa")])
