@@ -292,6 +292,7 @@ def train_local(
     start_step: int = 0,
     total_steps: int | None = None,
     progress: bool = False,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` for `steps` AdamW steps on `examples`.
 
@@ -299,7 +300,8 @@ def train_local(
     `start_step` … `start_step + steps - 1`: a federated client in round R of N passes
     `start_step=(R-1)*local_steps, total_steps=N*local_steps`. Sampling and dropout are seeded from
     `settings.seed` and `start_step`, so a fixed seed gives the same adapter on CPU. A fresh optimizer is
-    made per call (as in each federated round).
+    made per call (as in each federated round). `proximal_mu` > 0 adds FedProx's μ/2 ‖w − w₀‖² to the loss,
+    w₀ being the trainable weights this call starts from (the global adapter of a federated round).
     """
     if not examples:
         raise ValueError("train_local needs at least one example")
@@ -313,6 +315,7 @@ def train_local(
     device = params[0].device
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    anchors = [p.detach().clone() for p in params] if proximal_mu else []
     seed = settings.seed * 1_000_003 + start_step
     sampler = length_grouped_batches(
         [len(e.input_ids) for e in examples], settings.batch_size, torch.Generator().manual_seed(seed)
@@ -336,6 +339,8 @@ def train_local(
             loss, batch_tokens = accumulate_gradients(
                 model, chosen, pad_id, device, settings.micro_batch_size, autocast, settings.pad_to_multiple_of
             )
+            if anchors:
+                add_proximal_gradient(params, anchors, proximal_mu)
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
@@ -345,6 +350,13 @@ def train_local(
             tokens += batch_tokens
             bar(f"loss {losses[-1]:.3f}")
     return TrainResult(sum(losses) / len(losses), steps, seen, tokens, time.perf_counter() - started)
+
+
+def add_proximal_gradient(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> None:
+    """Add the gradient of FedProx's μ/2 Σ ‖w − w₀‖², μ (w − w₀), to each parameter's gradient."""
+    for param, anchor in zip(params, anchors, strict=True):
+        if param.grad is not None:
+            param.grad.add_(param.detach() - anchor, alpha=mu)
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:

@@ -102,7 +102,8 @@ def test_first_round_waits_for_every_hospital_and_resumed_rounds_keep_their_numb
 
 
 @pytest.mark.slow
-def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path) -> None:
+def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from federimed import training
     from federimed.fl import client_app
     from federimed.fl.server_app import initial_adapter
     from federimed.model import load_base
@@ -110,7 +111,11 @@ def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path) -> None:
     settings = tiny_settings(rounds=2, steps=1)
     start = initial_adapter(settings)
     hospital = make_hospital(tmp_path, "alpha", 6)
-    config = ConfigRecord({"settings": settings.model_dump_json(), "server-round": 1, "total-rounds": 2})
+    config = ConfigRecord(
+        {"settings": settings.model_dump_json(), "server-round": 1, "total-rounds": 2, "proximal-mu": 0.25}
+    )
+    calls, train_local = [], training.train_local
+    monkeypatch.setattr(training, "train_local", lambda *a, **kw: calls.append(kw) or train_local(*a, **kw))
     message = Message(RecordDict({"arrays": ArrayRecord(start), "config": config}), dst_node_id=5, message_type="train")
     context = Context(run_id=1, node_id=5, node_config={"data-path": str(hospital)}, state=RecordDict(), run_config={})
     reply = client_app.app(message, context)
@@ -126,6 +131,7 @@ def test_a_hospital_replies_with_adapter_weights_only(tmp_path: Path) -> None:
     assert metrics["num-examples"] == 6 and metrics["bytes"] == arrays.count_bytes() and metrics["tokens"] > 0
     assert reply.content[HOSPITAL_RECORD]["name"] == "alpha"
     assert any(not np.array_equal(arrays[k].numpy(), start[k].numpy()) for k in start), "training changed nothing"
+    assert [call["proximal_mu"] for call in calls] == [0.25]  # FedProx's μ, as the server sent it
 
 
 def test_run_config_in_pyproject_covers_every_option_with_its_default() -> None:

@@ -21,6 +21,7 @@ from federimed.training import (
     evaluate_loss,
     load_dialogues,
     lr_at,
+    add_proximal_gradient,
     train_local,
 )
 
@@ -161,6 +162,38 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(peft, tokeni
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
     assert any(not torch.equal(first[k], initial[k]) for k in first)
+
+
+def test_the_proximal_gradient_is_that_of_fedprox_term() -> None:
+    """Gradient of loss + μ/2 Σ ‖w − w₀‖², by autograd, equals the loss's gradient plus μ (w − w₀)."""
+    torch.manual_seed(0)
+    anchors = [torch.randn(3, 4), torch.randn(5)]
+    params = [(a + 0.1 * torch.randn_like(a)).requires_grad_() for a in anchors]
+    weights = [torch.randn_like(a) for a in anchors]
+    mu = 0.7
+    sum((w * p).sum() for w, p in zip(weights, params)).backward()
+    add_proximal_gradient(params, anchors, mu)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    loss = sum((w * p).sum() + mu / 2 * ((p - a) ** 2).sum() for w, p, a in zip(weights, copies, anchors))
+    loss.backward()
+    for param, copy in zip(params, copies):
+        torch.testing.assert_close(param.grad, copy.grad)
+
+
+def test_fedprox_keeps_the_adapter_nearer_where_the_round_started(peft, tokenizer):
+    examples = encode_dialogues(tokenizer, dialogues(8), 128)
+    initial = adapter_state(peft)
+    settings = TrainSettings(batch_size=2, seq_len=128, grad_clip=0.0)
+
+    def distance(mu: float) -> float:
+        load_adapter_state(peft, initial)
+        train_local(peft, tokenizer, examples, settings, steps=4, proximal_mu=mu)
+        moved = adapter_state(peft)
+        return math.sqrt(sum(float((moved[k] - initial[k]).pow(2).sum()) for k in initial))
+
+    free, held = distance(0.0), distance(1000.0)
+    load_adapter_state(peft, initial)
+    assert 0 < held < 0.8 * free
 
 
 @pytest.mark.slow

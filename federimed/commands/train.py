@@ -50,6 +50,9 @@ Aggregator = Annotated[str | None, typer.Option(
 ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm or fednova: the server's learning rate (fednova: how many of its τ_eff steps the server takes along the step-normalised mean).")]
 ServerMomentum = Annotated[float, typer.Option(
     min=0.0, max=0.999, help="With --aggregator fedavgm: the server's momentum.")]
+ProximalMu = Annotated[float, typer.Option(
+    min=0.0, help="FedProx: each hospital adds μ/2 ‖w − global‖² to its training loss, keeping its adapter near the "
+    "global one on non-IID data (0: none). Combines with any --aggregator.")]
 TrimFraction = Annotated[float, typer.Option(
     min=0.01, max=0.49, help="For trimmed-mean: share of hospitals trimmed at each end of every coordinate.")]
 Dp = Annotated[bool, typer.Option(
@@ -225,6 +228,7 @@ def train(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
+    proximal_mu: ProximalMu = 0.0,
     server_lr: ServerLr = 1.0,
     server_momentum: ServerMomentum = 0.9,
     dp: Dp = False,
@@ -267,7 +271,7 @@ def train(
             aggregator, settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
             resume_run=_resume_target(runs_dir, run_id) if resume else "",
             max_update_norm=max_update_norm, trim_fraction=trim_fraction,
-            server_lr=server_lr, server_momentum=server_momentum,
+            proximal_mu=proximal_mu, server_lr=server_lr, server_momentum=server_momentum,
             dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
             secagg=secagg, secagg_num_shares=secagg_num_shares,
             secagg_reconstruction_threshold=secagg_reconstruction_threshold,
@@ -326,6 +330,7 @@ def server(
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
+    proximal_mu: ProximalMu = 0.0,
     server_lr: ServerLr = 1.0,
     server_momentum: ServerMomentum = 0.9,
     dp: Dp = False,
@@ -370,7 +375,7 @@ def server(
     options = _server_options(
         aggregator, settings=settings, hospitals=hospitals, min_hospitals=min_hospitals, runs_dir=runs_dir.resolve(),
         resume_run=resume or "", max_update_norm=max_update_norm, trim_fraction=trim_fraction,
-        server_lr=server_lr, server_momentum=server_momentum,
+        proximal_mu=proximal_mu, server_lr=server_lr, server_momentum=server_momentum,
         dp=dp, dp_noise_multiplier=noise_multiplier, dp_clip=clip, dp_delta=delta,
         secagg=secagg, secagg_num_shares=secagg_num_shares,
         secagg_reconstruction_threshold=secagg_reconstruction_threshold,

@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower star
     from federimed.training import Example
 
 SETTINGS_KEY = "settings"
+PROXIMAL_MU_KEY = "proximal-mu"
+"""Train-config key of FedProx's μ (as Flower's FedProx strategy sends it); absent or 0: plain local training."""
 """Key in the message ConfigRecord holding RunSettings as JSON."""
 
 app = ClientApp()
@@ -114,6 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         steps=steps,
         start_step=(server_round - 1) * steps,
         total_steps=total_rounds * steps,
+        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
     )
     state = adapter_state(model)
     arrays = ArrayRecord(state)

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federimed.checkpoints import RunDir, new_run, plot_losses, resume_state, round_metrics, save_round
 from federimed.config import RunSettings
-from federimed.fl.client_app import SETTINGS_KEY
+from federimed.fl.client_app import PROXIMAL_MU_KEY, SETTINGS_KEY
 from federimed.fl.cohort_stats import gather
 from federimed.fl.dp import private_strategy
 from federimed.fl.secagg import secure_grid
@@ -79,7 +79,9 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
     if options.secagg:
         grid = secure_grid(grid, options)
     private = private_strategy(strategy, options, round_metrics(run.path) if run else [], run.id if run else "")
-    train_config = ConfigRecord({SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds})
+    train_config = ConfigRecord({
+        SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds, PROXIMAL_MU_KEY: options.proximal_mu
+    })
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal run

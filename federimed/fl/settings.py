@@ -85,6 +85,9 @@ class ServerOptions(BaseModel):
     trim_fraction: float = Field(
         0.34, gt=0, lt=0.5, description="share trimmed at each end by trimmed-mean [trim-fraction]"
     )
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: each hospital adds μ/2 ‖w − global‖² to its loss, 0 for none [proximal-mu]"
+    )
     dp: bool = Field(False, description="hospital-level differential privacy: clip, noise, account ε [dp]")
     dp_noise_multiplier: float = Field(
         1.0, gt=0, description="noise std / clip bound on the sum of updates (σ) [dp-noise-multiplier]"
