@@ -129,8 +129,9 @@ class TrainSettings(_Settings):
     checkpointing: bool = Field(
         False,
         description="low-memory training: recompute each layer's activations in the backward pass instead of "
-        "keeping them (under glibc's malloc also giving freed memory back, `federimed.memory`): about 1.8 GB per "
-        "site at batch 4 instead of 3.1, at two thirds of the speed with tcmalloc (README 'Memory per hospital')",
+        "keeping them (under glibc's malloc also giving freed memory back, `federimed.memory`); with bfloat16 base "
+        "weights and tcmalloc a site peaked at 1.3 GB over a pass at batch 4 instead of 2.9, at about 0.7 of the "
+        "speed (README 'Memory per hospital')",
     )
 
     @model_validator(mode="before")

@@ -78,9 +78,9 @@ SecAggClip = Annotated[float, typer.Option(
 Precision = Annotated[str, typer.Option(
     help="Matrix products on a CPU: auto (bf16 where the CPU has AMX or AVX512-BF16, else fp32), fp32 or bf16.")]
 Checkpointing = Annotated[bool, typer.Option(
-    "--checkpointing/--no-checkpointing", help="Low-memory mode: recompute activations in the backward pass: "
-    "about 1.8 GB per hospital at batch 4 instead of 3.1, at two thirds of the speed with tcmalloc (a quarter "
-    "with glibc's malloc; README 'Memory per hospital').")]
+    "--checkpointing/--no-checkpointing", help="Low-memory mode: recompute activations in the backward pass. "
+    "With --dtype bfloat16 and tcmalloc a hospital peaked at 1.3 GB over a pass at batch 4 instead of 2.9, "
+    "training at about 0.7 of the speed (README 'Memory per hospital').")]
 MicroBatch = Annotated[int, typer.Option(
     min=0, help="Dialogues per forward and backward pass: each step accumulates its batch in passes of this many, "
     "the same gradient with a fraction of the activation memory (0: the whole batch at once; README 'Memory "
