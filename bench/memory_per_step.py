@@ -1,12 +1,15 @@
 """Resident memory of one training process step by step: does it level off or keep growing?
 
-    .venv/bin/python bench/memory_per_step.py [--data DIR] [--steps 12] [--pad 1,32] [--dtype bfloat16] [--checkpointing]
+    .venv/bin/python bench/memory_per_step.py [--data DIR] [--steps 12] [--pad-to-multiple-of 1,32] [--dtype bfloat16]
+        [--checkpointing]
 
 For each padding multiple (`TrainSettings.pad_to_multiple_of`; 1 pads a batch to its longest dialogue only),
 a child process under tcmalloc (`federimed.memory.with_allocator`) loads the base model, adds LoRA and trains
 `--steps` single steps on the real dialogues of DIR/*/train.jsonl (length-grouped batches of 4, as
 `train_local` samples them), recording resident memory (VmRSS, of which file-backed) after loading and
-after each step, and the peak (VmHWM). Writes bench/results/memory_per_step.json.
+after each step, and the peak (VmHWM). Each step is its own `train_local` call (a fresh AdamW each, as in a
+federated round of one step), so that memory can be read between steps. Writes
+bench/results/memory_per_step.json.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ def child(data: Path, steps: int, pad: int, dtype: str, checkpointing: bool) -> 
     from federimed.config import LoraSettings, ModelSettings, TrainSettings
     from federimed.memory import preloaded_allocator
     from federimed.model import add_lora, load_base
-    from federimed.training import encode_dialogues, load_dialogues, train_local
+    from federimed.training import train_local
+    from train_speed import real_examples
 
     model, tokenizer = load_base(ModelSettings(dtype=dtype))
     model = add_lora(model, LoraSettings(), seed=0)
     loaded = memory()
-    dialogues = [d for path in sorted(data.glob("*/train.jsonl")) for d in load_dialogues(path)]
-    examples = encode_dialogues(tokenizer, dialogues, 256)
+    examples = real_examples(tokenizer, data, 256)
     settings = TrainSettings(batch_size=4, precision="bf16", checkpointing=checkpointing, pad_to_multiple_of=pad)
     per_step = []
     for step in range(steps):
@@ -52,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/hospitals"))
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--pad", default="1,32", help="comma-separated padding multiples")
+    parser.add_argument("--pad-to-multiple-of", default="1,32", help="comma-separated padding multiples")
     parser.add_argument("--dtype", default="bfloat16", help="the frozen base weights' dtype")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -66,7 +69,7 @@ def main() -> None:
     from federimed.memory import with_allocator
 
     runs = {}
-    for pad in (int(p) for p in args.pad.split(",")):
+    for pad in (int(p) for p in args.pad_to_multiple_of.split(",")):
         argv = [sys.executable, __file__, "--child", str(pad), "--data", str(args.data), "--steps", str(args.steps),
                 "--dtype", args.dtype] + (["--checkpointing"] if args.checkpointing else [])
         env = with_allocator({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "tcmalloc")

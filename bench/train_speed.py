@@ -6,7 +6,8 @@ the frozen base weights are held in (float32 or bfloat16), activation checkpoint
 attention kernel (`TrainSettings.attention`: eager, or "+sdpa" torch's fused one; the product's "auto" is
 eager for bf16 and sdpa for fp32 on a CPU), the micro-batch ("+micro-N": each step's batch accumulated in
 passes of N dialogues, `TrainSettings.micro_batch_size`), the padding ("+pad-1": each batch to its longest
-dialogue; otherwise to a multiple of 32 tokens, `TrainSettings.pad_to_multiple_of`) and the malloc ("+jemalloc", "+tcmalloc": preloaded,
+dialogue; otherwise to a multiple of 32 tokens, `TrainSettings.pad_to_multiple_of`; results written before
+2026-12-07 were all padded to the longest dialogue only) and the malloc ("+jemalloc", "+tcmalloc": preloaded,
 `federimed.memory.with_allocator`; skipped where not installed; glibc's otherwise). Each configuration runs
 in its own child process, so that its peak resident memory is its own: what one hospital's training process
 needs. "+fixed-heap" fixes glibc's mmap threshold (`federimed.memory.return_freed_memory`, which
@@ -46,7 +47,7 @@ class Config(NamedTuple):
     attention: str = "eager"
     micro_batch: int = 0
     allocator: str = "system"
-    pad_multiple: int = 32
+    pad_to_multiple_of: int = 32
 
 
 CONFIGS = {
@@ -68,9 +69,9 @@ CONFIGS = {
     "bf16+checkpointing+tcmalloc": Config("bf16", checkpointing=True, allocator="tcmalloc"),
     "bf16+bf16-weights+checkpointing+tcmalloc": Config("bf16", "bfloat16", checkpointing=True, allocator="tcmalloc"),
     "bf16+bf16-weights+checkpointing": Config("bf16", "bfloat16", checkpointing=True, fixed_heap=True),
-    "bf16+tcmalloc+pad-1": Config("bf16", allocator="tcmalloc", pad_multiple=1),
+    "bf16+tcmalloc+pad-1": Config("bf16", allocator="tcmalloc", pad_to_multiple_of=1),
     "bf16+bf16-weights+checkpointing+tcmalloc+pad-1": Config(
-        "bf16", "bfloat16", checkpointing=True, allocator="tcmalloc", pad_multiple=1
+        "bf16", "bfloat16", checkpointing=True, allocator="tcmalloc", pad_to_multiple_of=1
     ),
 }
 
@@ -119,7 +120,7 @@ def child(config: str, steps: int, batch_size: int, seq_len: int, data: Path | N
     model = add_lora(model, LoraSettings(), seed=0)
     settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, precision=chosen.precision,
                              checkpointing=chosen.checkpointing, attention=chosen.attention,
-                             micro_batch_size=chosen.micro_batch, pad_to_multiple_of=chosen.pad_multiple)
+                             micro_batch_size=chosen.micro_batch, pad_to_multiple_of=chosen.pad_to_multiple_of)
     examples = real_examples(tokenizer, data, seq_len) if data else synthetic_examples(tokenizer, 4 * batch_size, seq_len)
     first = train_local(model, tokenizer, examples, settings, steps=1)
     result = train_local(model, tokenizer, examples, settings, steps=steps, start_step=1, total_steps=steps + 1)

@@ -16,6 +16,8 @@ DEFAULT_ROUNDS, DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 4, 4.0, 4
 (held-out loss flattens by the third pass on the demo's federation: README 'How long to train')."""
 HELDOUT_MAX_DIALOGUES = 24
 """Default for `RunSettings.heldout_max_dialogues`."""
+PAD_TO_MULTIPLE_OF = 32
+"""Default for `TrainSettings.pad_to_multiple_of`: seq_len / 32 batch widths at most (README 'Memory per hospital')."""
 
 
 
@@ -122,7 +124,7 @@ class TrainSettings(_Settings):
         "(the same gradient, less activation memory; 0: the whole batch at once)",
     )
     pad_to_multiple_of: int = Field(
-        32, ge=1,
+        PAD_TO_MULTIPLE_OF, ge=1,
         description="batches are padded to a multiple of this many tokens: few distinct shapes, so the CPU's cached "
         "matrix kernels (oneDNN) and freed blocks are reused instead of growing with every new length",
     )

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from federimed.config import TrainSettings
+from federimed.config import PAD_TO_MULTIPLE_OF, TrainSettings
 from federimed.cpu import this_cpu
 from federimed.memory import return_freed_memory
 from federimed.precision import autocast_dtype, training_autocast
@@ -195,15 +195,15 @@ def lr_at(step: int, total_steps: int, settings: TrainSettings) -> float:
 
 
 def collate(
-    examples: Sequence[Example], pad_id: int, device: torch.device, multiple: int = 1
+    examples: Sequence[Example], pad_id: int, device: torch.device, pad_to_multiple_of: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Left-pad a batch to its longest example rounded up to a `multiple`, so every answer ends at the last
-    position and batches take few distinct shapes.
+    """Left-pad a batch to its longest example rounded up to `pad_to_multiple_of`, so every answer ends at
+    the last position and batches take few distinct shapes.
 
     Returns input_ids, attention_mask, position_ids, labels and `keep`: how many final positions hold
-    all the predictions that carry a label (logits are computed only for those; also a `multiple`).
+    all the predictions that carry a label (logits are computed only for those; also rounded up).
     """
-    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
+    width = _round_up(max(len(e.input_ids) for e in examples), pad_to_multiple_of)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -216,8 +216,12 @@ def collate(
         keep = max(keep, n - example.first_label + 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-    keep = -(-keep // multiple) * multiple
+    keep = _round_up(keep, pad_to_multiple_of)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()} | {"keep": min(keep, width)}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -242,7 +246,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 def accumulate_gradients(
     model: nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device, micro_batch_size: int,
-    autocast: AbstractContextManager, multiple: int = 1,
+    autocast: AbstractContextManager, pad_to_multiple_of: int = 1,
 ) -> tuple[float, int]:
     """Backpropagate the batch's mean token loss in passes of `micro_batch_size` examples (0: one pass).
 
@@ -254,7 +258,7 @@ def accumulate_gradients(
     total = sum(e.labelled for e in examples)
     loss_sum, tokens = torch.zeros((), device=device), 0
     for start in range(0, len(examples), size):
-        batch = collate(examples[start : start + size], pad_id, device, multiple)
+        batch = collate(examples[start : start + size], pad_id, device, pad_to_multiple_of)
         with autocast:
             loss, count = batch_loss(model, batch)
         weight = count / total
@@ -305,6 +309,8 @@ def train_local(
     """
     if not examples:
         raise ValueError("train_local needs at least one example")
+    if not proximal_mu >= 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     steps = settings.local_steps if steps is None else steps
     total_steps = start_step + steps if total_steps is None else total_steps
     if steps < 1 or total_steps < start_step + steps:
@@ -424,7 +430,11 @@ def _bar(show: bool, start: int, steps: int, total_steps: int) -> Iterator[Calla
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, examples: Sequence[Example], batch_size: int = 8, precision: str = "fp32", multiple: int = 1
+    model: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int = 8,
+    precision: str = "fp32",
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
 ) -> tuple[float, int]:
     """Mean loss per assistant token over `examples` (no gradients), and the number of those tokens.
 
@@ -440,7 +450,7 @@ def evaluate_loss(
     total, count = 0.0, 0
     for i in range(0, len(ordered), batch_size):
         with training_autocast(precision, device):
-            loss, n = batch_loss(model, collate(ordered[i : i + batch_size], 0, device, multiple))
+            loss, n = batch_loss(model, collate(ordered[i : i + batch_size], 0, device, pad_to_multiple_of))
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / count, count

@@ -107,3 +107,25 @@ def test_server_cohort_submits_a_cohort_run(tmp_path: Path, monkeypatch: pytest.
     assert result.exit_code == 7
     config = tomllib.loads((tmp_path / ".flower" / "run-config.toml").read_text())
     assert (config["task"], config["min-cell"], config["cohort-epsilon"], config["secagg"]) == ("cohort", 5, 4.0, True)
+
+
+def test_server_submits_the_federated_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedProx's μ and FedNova's server learning rate reach the run config, and from it each round's train config."""
+    import tomllib
+
+    from federimed.fl import deployment
+    from federimed.fl.server_app import round_config
+    from federimed.fl.settings import ServerOptions
+
+    def stop(**_):
+        raise SystemExit(7)
+
+    monkeypatch.setattr(deployment, "start_superlink", stop)
+    result = _invoke("server", "--proximal-mu", "0.05", "--aggregator", "fednova", "--server-lr", "1.5",
+                     "--runs-dir", str(tmp_path))
+    assert result.exit_code == 7
+    config = tomllib.loads((tmp_path / ".flower" / "run-config.toml").read_text())
+    assert (config["proximal-mu"], config["aggregator"], config["server-lr"]) == (0.05, "fednova", 1.5)
+    options = ServerOptions.from_run_config(config)
+    sent = round_config(options)
+    assert sent["proximal-mu"] == 0.05 and sent["total-rounds"] == options.settings.rounds

@@ -47,7 +47,7 @@ Aggregator = Annotated[str | None, typer.Option(
     help="How updates are combined [default: fednova; fedavg with --dp or --secagg]: fedavg (weighted mean), fednova (the weighted mean of updates divided by "
     "each hospital's local steps: hospitals that run more steps do not outweigh the others), fedavgm (the mean taken as a server SGD step with "
     "momentum), or trimmed-mean / median (coordinate-wise, unweighted, robust to outliers).")]
-ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm or fednova: the server's learning rate (fednova: how many of its τ_eff steps the server takes along the step-normalised mean).")]
+ServerLr = Annotated[float, typer.Option(min=1e-6, help="With --aggregator fedavgm or fednova: the server's learning rate (fednova: multiplies the τ_eff steps the server takes along the step-normalised mean).")]
 ServerMomentum = Annotated[float, typer.Option(
     min=0.0, max=0.999, help="With --aggregator fedavgm: the server's momentum.")]
 ProximalMu = Annotated[float, typer.Option(

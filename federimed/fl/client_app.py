@@ -41,9 +41,9 @@ if TYPE_CHECKING:  # torch, transformers and peft load on first use: Flower star
     from federimed.training import Example
 
 SETTINGS_KEY = "settings"
+"""Key in the message ConfigRecord holding RunSettings as JSON."""
 PROXIMAL_MU_KEY = "proximal-mu"
 """Train-config key of FedProx's μ (as Flower's FedProx strategy sends it); absent or 0: plain local training."""
-"""Key in the message ConfigRecord holding RunSettings as JSON."""
 
 app = ClientApp()
 

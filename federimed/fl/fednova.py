@@ -6,7 +6,7 @@ a hospital with 5× the dialogues moves its adapter about 5× further in a round
 it by its dialogues *and* by its steps: in effect by the square of its size, and the small hospitals'
 patients almost vanish from the global model (on the demo's federation: 92 / 5 / 3 % of the update for
 189 / 46 / 34 dialogues, against 70 / 17 / 13 % in centralized training). FedNova divides each update by
-its steps before the weighted mean, then takes τ_eff = Σ pᵢ τᵢ steps along it:
+its steps before the weighted mean, then takes η · τ_eff steps along it (τ_eff = Σ pᵢ τᵢ):
 
     x ← x + η · τ_eff · Σᵢ pᵢ (xᵢ − x) / τᵢ,   pᵢ = nᵢ / Σ n,   τ_eff = Σᵢ pᵢ τᵢ
 
@@ -17,6 +17,7 @@ along the averaged per-step update as centralized takes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,7 +32,7 @@ class FedNova(FedAvg):
 
     def __init__(self, *, weighted_by_key: str, steps_key: str = STEPS_KEY, server_lr: float = 1.0) -> None:
         super().__init__(weighted_by_key=weighted_by_key)
-        if not server_lr > 0:
+        if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         self.steps_key = steps_key
         self.server_lr = server_lr
@@ -50,12 +51,12 @@ class FedNova(FedAvg):
         weights = np.array([float(r.content["metrics"][self.weighted_by_key]) for r in valid])
         steps = np.array([float(r.content["metrics"][self.steps_key]) for r in valid])
         share = weights / weights.sum()
-        step = self.server_lr * float(share @ steps)  # η · τ_eff
+        scale = self.server_lr * float(share @ steps)  # η · τ_eff
         start = self.current_arrays
         updated = {}
         for key in start:
             origin = start[key].numpy()
             direction = sum(p / t * (r.content["arrays"][key].numpy() - origin) for p, t, r in zip(share, steps, valid))
-            updated[key] = Array(np.asarray(origin + step * direction, dtype=origin.dtype))
+            updated[key] = Array(np.asarray(origin + scale * direction, dtype=origin.dtype))
         self.current_arrays = ArrayRecord(updated)
         return self.current_arrays, metrics

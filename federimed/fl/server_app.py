@@ -57,6 +57,14 @@ def _start(options: ServerOptions) -> tuple[RunSettings, RunDir | None, int, dic
     return settings, run, done + 1, state
 
 
+def round_config(options: ServerOptions) -> ConfigRecord:
+    """What every hospital receives with each round's adapter: the run's settings, its length and FedProx's μ."""
+    settings = options.settings
+    return ConfigRecord({
+        SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds, PROXIMAL_MU_KEY: options.proximal_mu
+    })
+
+
 def federate(grid: Grid, options: ServerOptions) -> Path | None:
     """Run the federation to `settings.rounds`; return the run directory (None if no round completed)."""
     settings, run, first, state = _start(options)
@@ -79,9 +87,7 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
     if options.secagg:
         grid = secure_grid(grid, options)
     private = private_strategy(strategy, options, round_metrics(run.path) if run else [], run.id if run else "")
-    train_config = ConfigRecord({
-        SETTINGS_KEY: settings.model_dump_json(), "total-rounds": settings.rounds, PROXIMAL_MU_KEY: options.proximal_mu
-    })
+    train_config = round_config(options)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal run
