@@ -5,9 +5,9 @@ Writes bench/results/train_speed.json. Configurations: the arithmetic (fp32, or 
 the frozen base weights are held in (float32 or bfloat16), activation checkpointing off or on, and the
 attention kernel (`TrainSettings.attention`: eager, or "+sdpa" torch's fused one; the product's "auto" is
 eager for bf16 and sdpa for fp32 on a CPU), the micro-batch ("+micro-N": each step's batch accumulated in
-passes of N dialogues, `TrainSettings.micro_batch_size`), the padding ("+pad-1": each batch to its longest
-dialogue; otherwise to a multiple of 32 tokens, `TrainSettings.pad_to_multiple_of`; results written before
-2026-12-07 were all padded to the longest dialogue only) and the malloc ("+jemalloc", "+tcmalloc": preloaded,
+passes of N dialogues, `TrainSettings.micro_batch_size`), the padding ("+pad-N": each batch to a multiple of N
+tokens; otherwise the product's choice, `TrainSettings.padding`: 32 with checkpointing, else 1, the longest
+dialogue) and the malloc ("+jemalloc", "+tcmalloc": preloaded,
 `federimed.memory.with_allocator`; skipped where not installed; glibc's otherwise). Each configuration runs
 in its own child process, so that its peak resident memory is its own: what one hospital's training process
 needs. "+fixed-heap" fixes glibc's mmap threshold (`federimed.memory.return_freed_memory`, which
@@ -47,7 +47,7 @@ class Config(NamedTuple):
     attention: str = "eager"
     micro_batch: int = 0
     allocator: str = "system"
-    pad_to_multiple_of: int = 32
+    pad_to_multiple_of: int = 0
 
 
 CONFIGS = {
@@ -69,7 +69,7 @@ CONFIGS = {
     "bf16+checkpointing+tcmalloc": Config("bf16", checkpointing=True, allocator="tcmalloc"),
     "bf16+bf16-weights+checkpointing+tcmalloc": Config("bf16", "bfloat16", checkpointing=True, allocator="tcmalloc"),
     "bf16+bf16-weights+checkpointing": Config("bf16", "bfloat16", checkpointing=True, fixed_heap=True),
-    "bf16+tcmalloc+pad-1": Config("bf16", allocator="tcmalloc", pad_to_multiple_of=1),
+    "bf16+tcmalloc+pad-32": Config("bf16", allocator="tcmalloc", pad_to_multiple_of=32),
     "bf16+bf16-weights+checkpointing+tcmalloc+pad-1": Config(
         "bf16", "bfloat16", checkpointing=True, allocator="tcmalloc", pad_to_multiple_of=1
     ),

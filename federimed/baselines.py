@@ -138,7 +138,7 @@ def _heldout_metrics(model, heldout: Mapping[str, list[Example]], settings: RunS
             hospitals[hospital] = {"heldout_loss": None, "heldout_tokens": 0}
             continue
         loss, n = evaluate_loss(
-            model, examples, settings.eval_batch_size, settings.train.precision, settings.train.pad_to_multiple_of
+            model, examples, settings.eval_batch_size, settings.train.precision, settings.train.padding
         )
         hospitals[hospital] = {"heldout_loss": loss, "heldout_tokens": n}
         total, tokens = total + loss * n, tokens + n

@@ -17,7 +17,8 @@ DEFAULT_ROUNDS, DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 4, 4.0, 4
 HELDOUT_MAX_DIALOGUES = 24
 """Default for `RunSettings.heldout_max_dialogues`."""
 PAD_TO_MULTIPLE_OF = 32
-"""Default for `TrainSettings.pad_to_multiple_of`: seq_len / 32 batch widths at most (README 'Memory per hospital')."""
+"""Padding of the low-memory mode (`TrainSettings.padding`): seq_len / 32 batch widths at most, so memory
+levels off (README 'Memory per hospital')."""
 
 
 
@@ -124,9 +125,10 @@ class TrainSettings(_Settings):
         "(the same gradient, less activation memory; 0: the whole batch at once)",
     )
     pad_to_multiple_of: int = Field(
-        PAD_TO_MULTIPLE_OF, ge=1,
-        description="batches are padded to a multiple of this many tokens: few distinct shapes, so the CPU's cached "
-        "matrix kernels (oneDNN) and freed blocks are reused instead of growing with every new length",
+        0, ge=0,
+        description="pad each batch to a multiple of this many tokens (0: auto, 32 with checkpointing, else 1): few "
+        "distinct shapes let the CPU's cached matrix kernels and freed blocks be reused, so memory levels off; "
+        "it slowed the default mode by 14-34 % and not the low-memory one (README 'Memory per hospital')",
     )
     checkpointing: bool = Field(
         False,
@@ -135,6 +137,11 @@ class TrainSettings(_Settings):
         "weights and tcmalloc a site peaked at 1.3 GB over a pass at batch 4 instead of 2.9, at about 0.7 of the "
         "speed (README 'Memory per hospital')",
     )
+
+    @property
+    def padding(self) -> int:
+        """The multiple batches are padded to: `pad_to_multiple_of`, or where 0, 32 with checkpointing, else 1."""
+        return self.pad_to_multiple_of or (PAD_TO_MULTIPLE_OF if self.checkpointing else 1)
 
     @model_validator(mode="before")
     @classmethod

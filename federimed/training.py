@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from federimed.config import PAD_TO_MULTIPLE_OF, TrainSettings
+from federimed.config import TrainSettings
 from federimed.cpu import this_cpu
 from federimed.memory import return_freed_memory
 from federimed.precision import autocast_dtype, training_autocast
@@ -343,7 +343,7 @@ def train_local(
                 group["lr"] = lr_at(step, total_steps, settings)
             chosen = [examples[i] for i in next(sampler)]
             loss, batch_tokens = accumulate_gradients(
-                model, chosen, pad_id, device, settings.micro_batch_size, autocast, settings.pad_to_multiple_of
+                model, chosen, pad_id, device, settings.micro_batch_size, autocast, settings.padding
             )
             if anchors:
                 add_proximal_gradient(params, anchors, proximal_mu)
@@ -434,7 +434,7 @@ def evaluate_loss(
     examples: Sequence[Example],
     batch_size: int = 8,
     precision: str = "fp32",
-    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+    pad_to_multiple_of: int = 1,
 ) -> tuple[float, int]:
     """Mean loss per assistant token over `examples` (no gradients), and the number of those tokens.
 

@@ -67,3 +67,10 @@ def test_heldout_sample_is_the_first_n_dialogues_and_zero_means_all():
     assert RunSettings(heldout_max_dialogues=0).heldout_sample([5, 6, 7]) == [5, 6, 7]
     with pytest.raises(ValidationError):
         RunSettings(heldout_max_dialogues=-1)
+
+
+def test_padding_is_32_in_the_low_memory_mode_and_the_longest_dialogue_otherwise() -> None:
+    assert TrainSettings().padding == 1
+    assert TrainSettings(checkpointing=True).padding == 32
+    assert TrainSettings(pad_to_multiple_of=8).padding == 8
+    assert TrainSettings(pad_to_multiple_of=8, checkpointing=True).padding == 8

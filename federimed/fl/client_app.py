@@ -145,7 +145,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings, hospital, model, tokenizer = _setup(msg, context)
     examples = settings.heldout_sample(_load(hospital / "heldout.jsonl", settings, tokenizer))
     loss, tokens = evaluate_loss(
-        model, examples, settings.eval_batch_size, settings.train.precision, settings.train.pad_to_multiple_of
+        model, examples, settings.eval_batch_size, settings.train.precision, settings.train.padding
     )
     return _reply(msg, hospital, {"heldout_loss": loss, "num-examples": len(examples), "tokens": tokens})
 
