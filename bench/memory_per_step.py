@@ -72,7 +72,7 @@ def main() -> None:
     for pad in (int(p) for p in args.pad_to_multiple_of.split(",")):
         argv = [sys.executable, __file__, "--child", str(pad), "--data", str(args.data), "--steps", str(args.steps),
                 "--dtype", args.dtype] + (["--checkpointing"] if args.checkpointing else [])
-        env = with_allocator({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "tcmalloc")
+        env = with_allocator(os.environ, "tcmalloc")
         out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
         runs[f"pad-{pad}"] = result = json.loads(out.strip().splitlines()[-1])
         rss = [s["rss_mb"] for s in result["per_step"]]

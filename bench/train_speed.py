@@ -159,8 +159,7 @@ def main() -> None:
             argv = [sys.executable, __file__, "--child", config, "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
             argv += ["--data", str(args.data)] if args.data else []
-            inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            env = with_allocator(inherited, CONFIGS[config].allocator)
+            env = with_allocator(os.environ, CONFIGS[config].allocator)
             out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
             samples[config].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {round_number + 1} {config}: {samples[config][-1]}", flush=True)

@@ -77,8 +77,11 @@ def with_allocator(env: Mapping[str, str], allocator: str | None = None) -> dict
     """`env` for a training child process, with a malloc that does not hoard freed activations preloaded.
 
     `allocator` (default: `$FEDERIMED_ALLOCATOR`, else "auto"): "auto" takes the first of ALLOCATORS that is
-    installed (Debian libtcmalloc-minimal4, libjemalloc2), "system" keeps glibc's; a given LD_PRELOAD is kept.
+    installed (Debian libtcmalloc-minimal4, libjemalloc2), "system" keeps glibc's. An LD_PRELOAD in `env` is
+    kept, unless `allocator` is given here: then the caller (a benchmark, a test) asks for exactly that malloc.
     """
+    if allocator:
+        env = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
     allocator = allocator or env.get(ALLOCATOR_VARIABLE, "auto")
     if not sys.platform.startswith("linux"):
         return dict(env)

@@ -111,6 +111,8 @@ def test_allocator_choice(monkeypatch, caplog) -> None:
     assert with_allocator({"PATH": "/bin"}) == {"PATH": "/bin", "LD_PRELOAD": "libjemalloc.so.2"}  # first installed
     assert "LD_PRELOAD" not in with_allocator({"FEDERIMED_ALLOCATOR": "system"})
     assert with_allocator({"LD_PRELOAD": "libmine.so"})["LD_PRELOAD"] == "libmine.so"
+    assert with_allocator({"LD_PRELOAD": "libmine.so"}, "jemalloc")["LD_PRELOAD"] == "libjemalloc.so.2"  # asked for
+    assert "LD_PRELOAD" not in with_allocator({"LD_PRELOAD": "libmine.so"}, "system")
     with caplog.at_level("WARNING"):
         assert "LD_PRELOAD" not in with_allocator({}, "tcmalloc")  # asked for but not installed: glibc's
         assert with_allocator({"FEDERIMED_ALLOCATOR": "mimalloc"})["LD_PRELOAD"] == "libjemalloc.so.2"
@@ -136,7 +138,7 @@ def test_training_runs_under_each_preloaded_allocator(name: str) -> None:
     crash fails this test instead of a training run."""
     if not sys.platform.startswith("linux") or allocator_library(name) is None:
         pytest.skip(f"{name} is not installed")
-    env = with_allocator({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, name)
+    env = with_allocator(os.environ, name)
     done = subprocess.run([sys.executable, "-c", _TRAIN_STEP], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [name, "False", "True"]  # glibc's heap settings no longer apply there
