@@ -69,8 +69,8 @@ def load_heldout(data_dir: Path, hospitals: Sequence[str]) -> list[HeldoutCase]:
     cases = []
     for hospital in hospitals:
         folder = data_dir / hospital
-        targets = {t["id"]: t for t in _jsonl(folder / "targets.heldout.jsonl")}
-        for dialogue in _jsonl(folder / "heldout.jsonl"):
+        targets = {t["id"]: t for t in read_jsonl(folder / "targets.heldout.jsonl")}
+        for dialogue in read_jsonl(folder / "heldout.jsonl"):
             target = targets.get(dialogue["id"])
             if target is None:
                 raise ValueError(f"{folder / 'heldout.jsonl'}: case {dialogue['id']} has no target")
@@ -91,7 +91,7 @@ def load_heldout(data_dir: Path, hospitals: Sequence[str]) -> list[HeldoutCase]:
     return cases
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `federimed ingest` for this hospital first")
     with open(path, encoding="utf-8") as fh:
