@@ -84,8 +84,12 @@ class Version:
         return f"{self.run_id}/round-{self.round} ({self.mode}; {', '.join(self.hospitals)}; {self.examples} examples)"
 
 
-def new_run(runs_dir: Path, settings: RunSettings, mode: str, hospitals: Mapping[str, int]) -> RunDir:
-    """Create `runs_dir/<timestamp>-<mode>/` with run.json (settings, base model, mode, hospitals → example counts)."""
+def new_run(
+    runs_dir: Path, settings: RunSettings, mode: str, hospitals: Mapping[str, int],
+    recipe: Mapping[str, Any] | None = None,
+) -> RunDir:
+    """Create `runs_dir/<timestamp>-<mode>/` with run.json (settings, base model, mode, hospitals → example counts,
+    and a federation's recipe: `ServerOptions.recipe`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if not hospitals or any(not isinstance(n, int) or n < 0 for n in hospitals.values()):
@@ -110,7 +114,7 @@ def new_run(runs_dir: Path, settings: RunSettings, mode: str, hospitals: Mapping
         "rounds_planned": settings.rounds,
         "rounds_completed": 0,
         "settings": settings.model_dump(mode="json"),
-    }
+    } | ({"recipe": dict(recipe)} if recipe else {})
     _write_json(path / RUN_FILE, info)
     return RunDir(path)
 

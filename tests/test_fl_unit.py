@@ -198,3 +198,15 @@ def test_fednova_is_the_default_and_private_runs_default_to_the_mean() -> None:
     assert ServerOptions(secagg=True).aggregator == "fedavg"
     with pytest.raises(ValueError, match="dp needs aggregator 'fedavg'"):
         ServerOptions(dp=True, aggregator="fednova")
+
+
+def test_the_server_app_will_not_resume_a_run_under_another_recipe(tmp_path: Path) -> None:
+    """A SuperLink started by hand (run config, no CLI) meets the same check before any round."""
+    from federimed.checkpoints import new_run
+    from federimed.config import RunSettings
+    from federimed.fl.server_app import federate
+
+    run = new_run(tmp_path, RunSettings(), "federated", {"a": 1}, ServerOptions().recipe())
+    options = ServerOptions(runs_dir=tmp_path, resume_run=run.id, aggregator="median")
+    with pytest.raises(ValueError, match=rf"cannot resume run {run.id} with another recipe \(aggregator 'fednova' → 'median'\)"):
+        federate(None, options)

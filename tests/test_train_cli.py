@@ -76,12 +76,34 @@ def test_train_federated_one_tiny_round_on_loopback(tmp_path: Path, monkeypatch:
     info = json.loads((run_dir / "run.json").read_text())
     assert info["mode"] == "federated" and info["hospitals"] == {"alpha": 3, "beta": 5}
     assert info["settings"]["heldout_max_dialogues"] == 1
+    assert info["recipe"]["aggregator"] == "fednova" and info["recipe"]["proximal_mu"] == 0.0
     metrics = json.loads((run_dir / "round-1" / "metrics.json").read_text())
     assert set(metrics["hospitals"]) == {"alpha", "beta"} and metrics["train_loss"] > 0
     assert (run_dir / "round-1" / "adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
     assert "round 1" in result.output and "alpha" in result.output  # the per-round table
     assert "federated round 1/1 · " in result.output and " left" in result.output  # not a terminal: a line per round
     assert leftovers((runs / ".flower" / "local").resolve()) == []
+
+
+def test_a_run_resumes_only_with_the_recipe_it_was_trained_with(tmp_path: Path) -> None:
+    from federimed.checkpoints import new_run
+    from federimed.config import RunSettings
+    from federimed.fl.settings import ServerOptions
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    make_hospital(data, "alpha", 2)
+    recipe = ServerOptions(aggregator="fedavg", proximal_mu=0.1).recipe()
+    run = new_run(runs, RunSettings(), "federated", {"alpha": 2}, recipe)
+    assert run.info()["recipe"] == recipe
+    result = _invoke("train", "--data", str(data), "--runs-dir", str(runs), "--resume", "--run-id", run.id,
+                     "--proximal-mu", "0.1")
+    assert result.exit_code == 2
+    assert f"run {run.id} was trained with another recipe (aggregator 'fedavg' → 'fednova')" in result.output
+    result = _invoke("server", "--resume", run.id, "--runs-dir", str(runs), "--aggregator", "fedavg")
+    assert result.exit_code == 2 and "proximal_mu 0.1 → 0.0" in result.output
+    assert not (runs / ".flower").exists()
+    assert ServerOptions(aggregator="fedavg", proximal_mu=0.1).resume_mismatch(recipe) is None
+    assert ServerOptions().resume_mismatch(None) is None  # a run from before recipes were recorded
 
 
 def test_server_refuses_inconsistent_options_before_starting_anything(tmp_path: Path) -> None:

@@ -157,16 +157,23 @@ def _f(value: float | None) -> str:
 
 def _server_options(aggregator: str | None, **fields):
     """ServerOptions (the aggregator's default where `aggregator` is None), or a clear error when the options
-    contradict each other (e.g. --dp with a median)."""
+    contradict each other (e.g. --dp with a median) or the recipe of the run they resume."""
     from pydantic import ValidationError
 
+    from federimed.checkpoints import RunDir
     from federimed.fl.settings import ServerOptions
 
     try:
-        return ServerOptions(**fields, **({"aggregator": aggregator} if aggregator else {}))
+        options = ServerOptions(**fields, **({"aggregator": aggregator} if aggregator else {}))
     except ValidationError as err:
         problems = [(f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"] for e in err.errors()]
         raise fail("invalid federation options: " + "; ".join(problems)) from None
+    if options.resume_run:
+        recorded = RunDir(options.runs_dir / options.resume_run).info().get("recipe")
+        if changed := options.resume_mismatch(recorded):
+            raise fail(f"run {options.resume_run} was trained with another recipe ({changed}): resume it with the "
+                       "options it started with")
+    return options
 
 
 def federate_with_progress(hospitals: list[Path], options) -> Path:

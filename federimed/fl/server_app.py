@@ -48,6 +48,8 @@ def _start(options: ServerOptions) -> tuple[RunSettings, RunDir | None, int, dic
     run = RunDir(options.runs_dir / options.resume_run)
     if not (run.path / "run.json").is_file():
         raise FileNotFoundError(f"cannot resume run {options.resume_run!r}: {run.path / 'run.json'} not found")
+    if changed := options.resume_mismatch(run.info().get("recipe")):
+        raise ValueError(f"cannot resume run {run.id} with another recipe ({changed}): resume with its own options")
     settings = run.settings().model_copy(update={"rounds": options.settings.rounds})
     saved = resume_state(run.path)
     if saved is None:
@@ -99,7 +101,7 @@ def federate(grid: Grid, options: ServerOptions) -> Path | None:
             return None
         if run is None:
             counts = {name: h.num_examples for name, h in entry.hospitals.items() if h.train_loss is not None}
-            run = new_run(options.runs_dir, settings, "federated", counts)
+            run = new_run(options.runs_dir, settings, "federated", counts, options.recipe())
         metrics = entry.to_json() | (private.released[entry.round].to_json() if private else {})
         path = save_round(run, entry.round, arrays.to_torch_state_dict(), metrics)
         _log_round(entry, settings.rounds, path)

@@ -51,6 +51,12 @@ def to_run_config(settings: RunSettings) -> dict[str, Scalar]:
     return config
 
 
+RECIPE_FIELDS = frozenset({
+    "aggregator", "server_lr", "server_momentum", "trim_fraction", "proximal_mu", "max_update_norm",
+    "dp", "dp_noise_multiplier", "dp_clip", "secagg",
+})
+
+
 class ServerOptions(BaseModel):
     """How the ServerApp runs a federation (run-config keys in brackets)."""
 
@@ -150,6 +156,19 @@ class ServerOptions(BaseModel):
             raise ValueError(f"secagg-quantization-range {self.secagg_quantization_range} is too large for "
                              f"{self.hospitals} hospitals: their sum must stay below 2^32")
         return self
+
+    def recipe(self) -> dict[str, Scalar]:
+        """What shapes the global adapter beyond the training settings (aggregation, FedProx, DP, SecAgg+):
+        recorded in run.json, and what a resumed run must keep."""
+        return self.model_dump(include=RECIPE_FIELDS)
+
+    def resume_mismatch(self, recorded: Mapping[str, Scalar] | None) -> str | None:
+        """Why continuing a run trained with the `recorded` recipe under these options would change it, or
+        None (also for a run from before recipes were recorded)."""
+        if not recorded:
+            return None
+        changed = [f"{k} {recorded[k]!r} → {v!r}" for k, v in self.recipe().items() if k in recorded and recorded[k] != v]
+        return ", ".join(changed) or None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> ServerOptions:
