@@ -57,6 +57,18 @@ def test_stages_run_side_by_side_up_to_the_lanes_and_after_what_they_wait_for(tm
     assert "a says goodbye" in log_path(tmp_path / "state", "a").read_text()
 
 
+def test_of_the_stages_ready_at_once_the_longest_starts_first(tmp_path: Path) -> None:
+    stages = [
+        stage(tmp_path, "first", 0.1),
+        stage(tmp_path, "small", 0.1, after=["first"], work=lambda: 10),
+        stage(tmp_path, "big", 0.1, after=["first"], work=lambda: 200),
+        stage(tmp_path, "tie", 0.1, after=["first"], work=lambda: 10),
+    ]
+    run_stages(stages, tmp_path / "state", lanes=1, console=console())
+    ran = journal(tmp_path)
+    assert sorted(ran, key=lambda name: ran[name]["start"]) == ["first", "big", "small", "tie"]
+
+
 def test_unchanged_stages_are_skipped_and_changed_inputs_rerun(tmp_path: Path) -> None:
     source = tmp_path / "input.txt"
     source.write_text("one")

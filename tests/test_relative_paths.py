@@ -40,8 +40,13 @@ def test_demo_stages_run_with_a_relative_workdir(tmp_path: Path, monkeypatch: py
     wanted = ["synthesise", "ingest", *(name for name in stages if name.startswith("audit "))]
     timings = run_stages([stages[n] for n in wanted], paths.state, lanes=2, console=Console(quiet=True))
     assert set(timings) == set(wanted)
+    dialogues = {}
     for hospital in ("childrens", "general", "geriatric-cardiac"):
-        assert (tmp_path / "data" / "quick" / "hospitals" / hospital / "manifest.json").is_file()
+        folder = tmp_path / "data" / "quick" / "hospitals" / hospital
+        assert (folder / "manifest.json").is_file()
+        dialogues[hospital] = len((folder / "train.jsonl").read_text().splitlines())
+        assert stages[f"local-only baseline {hospital}"].work() == dialogues[hospital] > 0  # biggest starts first
+    assert stages["federated training"].work() == stages["centralized baseline"].work() == sum(dialogues.values())
 
 
 def test_server_options_hand_the_server_app_an_absolute_runs_folder(tmp_path: Path, monkeypatch) -> None:

@@ -78,7 +78,8 @@ class DemoPaths:
 
 def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage]:
     """The demo's stages up to training: synthesise, index, ingest, audit each hospital, then train the
-    federated model and its baselines once every audit is clean (the federated run, the longest, first)."""
+    federated model and its baselines once every audit is clean (the federated run, the longest, first; the
+    local-only baselines biggest hospital first, so that the longest does not run alone at the end)."""
     from ingest.synth import plan
 
     synth_dir, hospitals_dir, runs = paths.synthea, paths.hospitals, paths.runs
@@ -105,16 +106,27 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
                   *profile.budget, "--batch-size", str(profile.batch_size),
                   "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
     everyone = set(hospital_names)
+    def all_dialogues() -> int:
+        return sum(_dialogues(hospitals_dir / name) for name in hospital_names)
+
     stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
-                        produced=lambda: bool(finished_runs(runs, "federated"))))
+                        produced=lambda: bool(finished_runs(runs, "federated")), work=all_dialogues))
     stages.append(Stage("centralized baseline", ["train", "--mode", "centralized", *train_args], [hospitals_dir],
-                        after=audits, produced=lambda: bool(finished_runs(runs, "centralized", everyone))))
+                        after=audits, produced=lambda: bool(finished_runs(runs, "centralized", everyone)),
+                        work=all_dialogues))
     stages += [
         Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
-              [hospitals_dir], after=audits, produced=lambda name=name: bool(finished_runs(runs, "local-only", {name})))
+              [hospitals_dir], after=audits, produced=lambda name=name: bool(finished_runs(runs, "local-only", {name})),
+              work=lambda name=name: _dialogues(hospitals_dir / name))
         for name in hospital_names
     ]
     return stages
+
+
+def _dialogues(hospital_dir: Path) -> int:
+    """Training dialogues of an ingested hospital: its share of the baselines' training work."""
+    path = hospital_dir / "train.jsonl"
+    return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
 def _newest_federated_run(runs: Path) -> Path:

@@ -46,6 +46,9 @@ class Stage:
     always: bool = False
     produced: Callable[[], bool] = lambda: True
     program: Sequence[str] = (sys.executable, "-m", "federimed.cli")
+    work: Callable[[], float] = lambda: 0.0
+    """How long the stage will take, in any unit shared by the stages (asked when it is ready to start):
+    among ready stages the longest starts first, so that a long one does not start last and run alone."""
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.args).encode())
@@ -92,8 +95,9 @@ def log_path(state_dir: Path, name: str) -> Path:
 
 
 def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Console) -> dict[str, float | None]:
-    """Run `stages`, up to `lanes` at once, each as soon as the stages it waits for are done; earlier
-    stages in the list start first. Output goes to one log per stage; the console shows what runs.
+    """Run `stages`, up to `lanes` at once, each as soon as the stages it waits for are done; of the stages
+    ready at once the one with the most `work` starts first (earlier in the list on a tie). Output goes to
+    one log per stage; the console shows what runs.
     Returns each stage's wall time (None: up to date, skipped). On a failure, the stages still running
     are stopped and `StageFailed` is raised after the failed stage's last lines are shown.
 
@@ -111,7 +115,8 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
     with Progress(*columns, console=console, transient=True) as bar:
         try:
             while waiting or running:
-                for stage in [s for s in waiting if set(s.after) <= timings.keys()]:
+                ready = [s for s in waiting if set(s.after) <= timings.keys()]
+                for stage in sorted(ready, key=lambda s: -s.work()):
                     if stage.up_to_date(state_dir):
                         waiting.remove(stage)
                         timings[stage.name] = None
