@@ -106,6 +106,7 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
                   *profile.budget, "--batch-size", str(profile.batch_size),
                   "--seq-len", str(profile.seq_len), "--heldout-max", str(profile.heldout_max)]
     everyone = set(hospital_names)
+
     def all_dialogues() -> int:
         return sum(_dialogues(hospitals_dir / name) for name in hospital_names)
 

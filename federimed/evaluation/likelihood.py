@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import set_scores
 from federimed.evaluation.runner import HeldoutCase, read_jsonl
+from federimed.precision import training_autocast
 from federimed.serving.backend import prompt_ids
 
 MEDICATION_LINE = "Start medications: "
@@ -118,16 +119,15 @@ def score_case(model: Any, tokenizer: Any, case: HeldoutCase, candidates: Candid
                            rank, len(lines))
 
 
-def score_cases(model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], candidates: Candidates,
-                vocab: DrugVocabulary, on_case: Callable[[int], None] | None = None) -> list[LikelihoodScore]:
-    """`score_case` for every case, in eval mode."""
+def score_cases(
+    model: Any, tokenizer: Any, cases: Sequence[HeldoutCase], candidates: Candidates, vocab: DrugVocabulary, *,
+    precision: str = "auto",
+) -> list[LikelihoodScore]:
+    """`score_case` for every case, in eval mode, under the autocast training would use (`precision`: bf16
+    products where the CPU has AMX or AVX512-BF16, as the held-out loss is computed)."""
     model.eval()
-    scores = []
-    for case in cases:
-        scores.append(score_case(model, tokenizer, case, candidates, vocab))
-        if on_case:
-            on_case(1)
-    return scores
+    with training_autocast(precision, next(model.parameters()).device):
+        return [score_case(model, tokenizer, case, candidates, vocab) for case in cases]
 
 
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
@@ -137,4 +137,3 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[i] != first[i] for s in sequences[1:]):
             return i
     return n
-
