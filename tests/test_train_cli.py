@@ -106,6 +106,37 @@ def test_a_run_resumes_only_with_the_recipe_it_was_trained_with(tmp_path: Path) 
     assert ServerOptions().resume_mismatch(None) is None  # a run from before recipes were recorded
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sigterm_to_federated_training_stops_every_flower_process(tmp_path: Path) -> None:
+    """A job manager stopping `federimed train` must not leave SuperNodes and ClientApps training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    make_hospital(data, "alpha", 3)
+    make_hospital(data, "beta", 3)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "federimed.cli", "train", "--data", str(data), "--runs-dir", str(runs), "--rounds", "3",
+         "--local-steps", "50", "--batch-size", "2", "--seq-len", "128", "--heldout-max", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    home = (runs / ".flower" / "local").resolve()
+    deadline = time.monotonic() + 600
+    while not any("flwr-clientapp" in p for p in leftovers(home)):  # the hospitals have started training
+        assert cli.poll() is None and time.monotonic() < deadline, "training never reached the ClientApps"
+        time.sleep(1)
+    cli.send_signal(signal.SIGTERM)
+    assert cli.wait(timeout=120) != 0
+    deadline = time.monotonic() + 60
+    while leftovers(home) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert leftovers(home) == []
+
+
 def test_server_refuses_inconsistent_options_before_starting_anything(tmp_path: Path) -> None:
     result = _invoke("server", "--hospitals", "2", "--min-hospitals", "3", "--runs-dir", str(tmp_path))
     assert result.exit_code == 2 and "--min-hospitals (3) cannot exceed --hospitals (2)" in result.output

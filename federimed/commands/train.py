@@ -199,6 +199,7 @@ def federate_with_progress(hospitals: list[Path], options) -> Path:
             if lines is not None:
                 lines(metrics["round"], options.settings.rounds)
 
+        signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the SuperLink and SuperNodes too
         try:
             return federate_on_loopback(hospitals, options, _app_dir(), show)
         except FlowerProcessError as err:
@@ -392,6 +393,7 @@ def server(
     )
     flwr_home = runs_dir.resolve() / ".flower"
     run_config = deployment.write_run_config(flwr_home / "run-config.toml", options.to_run_config())
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the SuperLink and the run too
     superlink = deployment.start_superlink(
         port=port, host=host, flwr_home=flwr_home, log=flwr_home / "superlink.log", tls=tls_files, auth=bool(site_keys)
     )
@@ -425,6 +427,7 @@ def server(
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the `finally` blocks then stop the Flower processes the command started."""
     raise KeyboardInterrupt
 
 
