@@ -8,12 +8,12 @@ from pydantic import ValidationError
 from federimed.config import LoraSettings, ModelSettings, RunSettings, TrainSettings
 
 
-def test_defaults_describe_the_demo_setup():
+def test_defaults_describe_the_validated_recipe():
     settings = RunSettings()
     assert settings.model == ModelSettings(base="smollm2-135m-instruct", device="auto", dtype="auto")
     assert (settings.lora.r, settings.lora.alpha, settings.lora.target_modules) == (8, 16, "all-linear")
-    assert (settings.train.epochs, settings.train.batch_size, settings.train.seq_len) == (4, 4, 256)
-    assert (settings.rounds, settings.lora.dropout) == (4, 0)
+    assert (settings.train.epochs, settings.train.batch_size, settings.train.seq_len) == (8, 4, 256)
+    assert (settings.rounds, settings.lora.dropout) == (8, 0)
     assert RunSettings.model_validate(settings.model_dump()) == settings
 
 

@@ -47,8 +47,8 @@ class Size:
 
 
 SIZES = {
-    # ≥ 300 pooled held-out cases (about 5.5 decisions per patient), 3 seeds, the demo's recipe.
-    "default": Size(patients=50, heldout_share=0.5, seeds=(0, 1, 2), rounds=4, budget=("--epochs", "4"),
+    # ≥ 300 pooled held-out cases (about 5.5 decisions per patient), 3 seeds, the CLI's recipe (8 passes).
+    "default": Size(patients=50, heldout_share=0.5, seeds=(0, 1, 2), rounds=8, budget=("--epochs", "8"),
                     batch_size=4, max_cases=1000, answer_tokens=48, dp_epsilon=10.0, dp_delta=1e-5),
     "quick": Size(patients=4, heldout_share=0.5, seeds=(0, 1), rounds=1, budget=("--local-steps", "1"),
                   batch_size=2, max_cases=3, answer_tokens=32, dp_epsilon=10.0, dp_delta=1e-5),
