@@ -17,6 +17,8 @@ MAX_DRUGS = 4  # ingredients on the answer's medication line
 MAX_ITEMS = 3  # procedures and care-plan activities on their lines
 MAX_USER_CHARS = 560  # ~150 SmolLM2 tokens: with the answer, a dialogue stays inside 256 tokens
 NONE = "none"
+MEDICATION_PREFIX = "Start medications: "
+"""How the answer's first line begins: the drugs started follow it."""
 
 
 def _join(items: list[str]) -> str:
@@ -64,7 +66,7 @@ def answer_text(case: Case) -> str:
     plan = _join(plans) + (f" ({', '.join(activities)})" if plans and activities else "")
     return "\n".join(
         [
-            f"Start medications: {', '.join(drugs) or NONE}.",
+            f"{MEDICATION_PREFIX}{', '.join(drugs) or NONE}.",
             f"Procedures: {_join(procedures)}.",
             f"Care plan: {plan}.",
         ]

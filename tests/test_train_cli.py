@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,12 +115,6 @@ def test_a_run_resumes_only_with_the_recipe_it_was_trained_with(tmp_path: Path) 
 @pytest.mark.timeout(900)
 def test_a_sigterm_to_federated_training_stops_every_flower_process(tmp_path: Path) -> None:
     """A job manager stopping `federimed train` must not leave SuperNodes and ClientApps training on."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     data, runs = tmp_path / "data", tmp_path / "runs"
     make_hospital(data, "alpha", 3)
     make_hospital(data, "beta", 3)

@@ -109,6 +109,7 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
         raise ValueError(f"stages wait for unknown stages {sorted(unknown)} or repeat a name")
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     waiting, running, timings = list(stages), [], {}
+    work: dict[str, float] = {}  # each stage's work, asked once, when it becomes ready
     at_once = min(lanes, len(stages))
     threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -116,7 +117,8 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, lanes: int, console: Co
         try:
             while waiting or running:
                 ready = [s for s in waiting if set(s.after) <= timings.keys()]
-                for stage in sorted(ready, key=lambda s: -s.work()):
+                work.update({s.name: s.work() for s in ready if s.name not in work})
+                for stage in sorted(ready, key=lambda s: -work[s.name]):
                     if stage.up_to_date(state_dir):
                         waiting.remove(stage)
                         timings[stage.name] = None

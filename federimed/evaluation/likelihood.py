@@ -11,6 +11,7 @@ read once and its cache reused for every candidate. The top candidate is scored 
 from __future__ import annotations
 
 import copy
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from federimed.evaluation.metrics import set_scores
 from federimed.evaluation.runner import HeldoutCase, read_jsonl
 from federimed.precision import training_autocast
 from federimed.serving.backend import prompt_ids
+from ingest.dialogues import MEDICATION_PREFIX, NONE
 
-MEDICATION_LINE = "Start medications: "
 FALLBACK_CANDIDATES = 20
 """Candidates for a diagnosis no training dialogue has: the most frequent medication lines overall."""
 
@@ -58,15 +59,15 @@ class Candidates:
 
     def for_diagnosis(self, code: str) -> tuple[str, ...]:
         lines = self.by_diagnosis.get(code, self.fallback)
-        return lines if "none" in lines else (*lines, "none")
+        return lines if NONE in lines else (*lines, NONE)
 
 
 def medication_line(answer: str) -> str | None:
     """The drug list of an answer's first line ("Start medications: a, b." → "a, b"), or None."""
     first = answer.split("\n", 1)[0]
-    if not first.startswith(MEDICATION_LINE):
+    if not first.startswith(MEDICATION_PREFIX):
         return None
-    return first[len(MEDICATION_LINE):].removesuffix(".").strip()
+    return first[len(MEDICATION_PREFIX):].removesuffix(".").strip()
 
 
 @dataclass
@@ -88,8 +89,9 @@ def candidate_logprobs(model: Any, tokenizer: Any, messages: list[dict[str, str]
     own tokens are then read together, one row each, on copies of that cache. Rows are padded on the
     right, which causal attention never lets an earlier token see."""
     prompt = prompt_ids(tokenizer, messages)
-    full = [prompt + tokenizer.encode(f"{MEDICATION_LINE}{line}.\n", add_special_tokens=False) for line in lines]
-    shared = min(_common_prefix(full), min(len(f) for f in full) - 1)  # each keeps at least one token of its own
+    full = [prompt + tokenizer.encode(f"{MEDICATION_PREFIX}{line}.\n", add_special_tokens=False) for line in lines]
+    # the tokens all candidates share, less one: each keeps at least one token of its own
+    shared = min(len(os.path.commonprefix(full)), min(len(f) for f in full) - 1)
     device = next(model.parameters()).device
     out = model(torch.tensor([full[0][:shared]], device=device), use_cache=True)
     own = [f[shared:] for f in full]
@@ -112,7 +114,7 @@ def score_case(model: Any, tokenizer: Any, case: HeldoutCase, candidates: Candid
     lines = candidates.for_diagnosis(case.diagnosis)
     logprobs = candidate_logprobs(model, tokenizer, case.messages, lines)
     order = sorted(range(len(lines)), key=lambda i: -logprobs[i])
-    predicted = vocab.extract(f"{MEDICATION_LINE}{lines[order[0]]}.")
+    predicted = vocab.extract(f"{MEDICATION_PREFIX}{lines[order[0]]}.")
     truth = medication_line(case.reference)
     rank = next((r for r, i in enumerate(order, 1) if lines[i] == truth), None)
     return LikelihoodScore(case.id, case.hospital, sorted(predicted), set_scores(predicted, set(case.drugs)).f1,
@@ -129,11 +131,3 @@ def score_cases(
     with training_autocast(precision, next(model.parameters()).device):
         return [score_case(model, tokenizer, case, candidates, vocab) for case in cases]
 
-
-def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences[1:]):
-            return i
-    return n
