@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from federimed.evaluation.compare import spaced_rounds
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.report import build_report, write_report
 from federimed.evaluation.runner import HeldoutCase, ModelScores, load_heldout, score_answer
@@ -75,3 +76,14 @@ def test_report_tables_plots_and_finite_numbers(tmp_path: Path, vocab: DrugVocab
     assert (tmp_path / "eval" / "comparison.png").stat().st_size > 0
     assert (tmp_path / "eval" / "f1_per_round.png").stat().st_size > 0
     assert len(saved["examples"]) == 3 and set(saved["examples"][0]["answers"]) == {"base", "federated"}
+
+
+@pytest.mark.parametrize(("rounds", "points", "scored"), [
+    (range(1, 9), 4, [2, 4, 6, 8]),
+    (range(1, 5), 4, [1, 2, 3, 4]),
+    (range(1, 3), 4, [1, 2]),
+    (range(1, 11), 4, [3, 5, 8, 10]),
+    ([5, 1, 3], 1, [5]),
+])
+def test_per_round_scoring_keeps_evenly_spaced_rounds_ending_with_the_last(rounds, points: int, scored: list[int]) -> None:
+    assert spaced_rounds(list(rounds), points) == scored

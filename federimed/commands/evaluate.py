@@ -47,7 +47,8 @@ def evaluate(
     index_dir: Annotated[Optional[Path], typer.Option("--index-dir", help="Guideline index [default: data/guideline-index].", resolve_path=True)] = None,
     max_cases: Annotated[int, typer.Option("--max-cases", min=1, help="At most this many held-out cases per hospital.")] = 1000,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, help="Answer length.")] = 48,
-    rounds: Annotated[bool, typer.Option("--rounds/--no-rounds", help="Also score the global adapter after every round.")] = True,
+    rounds: Annotated[bool, typer.Option("--rounds/--no-rounds", help="Also score the global adapter after its rounds.")] = True,
+    round_points: Annotated[int, typer.Option("--round-points", min=1, help="Score at most this many rounds, evenly spaced, the last included (each costs a full evaluation).")] = 4,
     min_cell: Annotated[int, typer.Option("--min-cell", min=1, help="Counting baselines are also scored with diagnoses of fewer training patients than this suppressed (CMS rule: 11).")] = 11,
 ) -> None:
     """Score models on every held-out case: drug precision/recall/F1, procedure and care-plan recall,
@@ -112,7 +113,8 @@ def evaluate(
         known = {0: plain["base"]} if "base" in plain else {}  # round 0: the global adapter starts from the base
         if "federated" in plain:
             known[latest_round(federated.path)[0]] = plain["federated"]
-        per_round = f1_per_round(federated, cases, vocab, settings, known, max_new_tokens=max_new_tokens) if rounds else []
+        per_round = f1_per_round(federated, cases, vocab, settings, known, round_points,
+                                 max_new_tokens=max_new_tokens) if rounds else []
     try:
         counts = count_baselines(data, hospitals, cases, vocab, min_cell)
     except FileNotFoundError as exc:
