@@ -18,6 +18,7 @@ from ingest.cases import Case, build_cases, current_snapshot
 from ingest.deidentify import REDACTED, Pseudonymizer, Scrubber, identity_values, load_or_create_salt
 from ingest.dialogues import dialogue, snapshot_text
 from ingest.errors import IngestError
+from ingest.jsonl import write_jsonl
 from ingest.readers import read_source
 from ingest.timeline import PatientTimeline, ReadResult, Skipped
 
@@ -59,12 +60,6 @@ def _scrub_file_names(path: str) -> str:
     """`path` with Synthea-style numbered patient names in its file name replaced."""
     folder, _, name = path.rpartition("/")
     return (folder + "/" if folder else "") + _SYNTHEA_NAME_RE.sub(REDACTED, name)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def ingest(
@@ -124,8 +119,8 @@ def ingest(
         "heldout": [c for c in cases if c.patient in heldout],
     }
     for name, part in parts.items():
-        _write_jsonl(hospital_dir / f"{name}.jsonl", [dialogue(c) for c in part])
-        _write_jsonl(hospital_dir / f"targets.{name}.jsonl", [c.target() for c in part])
+        write_jsonl(hospital_dir / f"{name}.jsonl", [dialogue(c) for c in part])
+        write_jsonl(hospital_dir / f"targets.{name}.jsonl", [c.target() for c in part])
 
     scrub = Scrubber([v for t in timelines for v in identity_values(t.patient)], pseudonym)
     manifest = {

@@ -11,6 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ingest.jsonl import read_jsonl, write_jsonl
+
 SPLITS = ("train.jsonl", "targets.train.jsonl")
 """The files of a training split that a validation split divides."""
 
@@ -31,7 +33,7 @@ def carve_validation(data_dir: Path, out_dir: Path, share: float = 0.2, seed: in
     if not hospitals:
         raise FileNotFoundError(f"no ingested hospital (with a train.jsonl) under {data_dir}")
     for hospital in hospitals:
-        rows = {name: _jsonl(hospital / name) for name in SPLITS}
+        rows = {name: read_jsonl(hospital / name) for name in SPLITS}
         held = validation_patients({row["patient"] for row in rows["train.jsonl"]}, share, seed)
         target = Path(out_dir) / hospital.name
         target.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,7 @@ def carve_validation(data_dir: Path, out_dir: Path, share: float = 0.2, seed: in
             kind = name.removesuffix(".jsonl").replace("train", "{}")
             for split, keep in (("train", False), ("heldout", True)):
                 chosen = [row for row in lines if (row["patient"] in held) == keep]
-                (target / f"{kind.format(split)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+                write_jsonl(target / f"{kind.format(split)}.jsonl", chosen)
         manifest = json.loads((hospital / "manifest.json").read_text())
         manifest["validation"] = {"of": str(hospital), "share": share, "seed": seed,
                                   "train_patients": len({r["patient"] for r in rows["train.jsonl"]}) - len(held),
@@ -48,9 +50,3 @@ def carve_validation(data_dir: Path, out_dir: Path, share: float = 0.2, seed: in
         counts[hospital.name] = {"train": sum(1 for r in rows["train.jsonl"] if r["patient"] not in held),
                                  "validation": sum(1 for r in rows["train.jsonl"] if r["patient"] in held)}
     return counts
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `federimed ingest` for this hospital first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -22,10 +22,11 @@ import torch
 
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import set_scores
-from federimed.evaluation.runner import HeldoutCase, read_jsonl
+from federimed.evaluation.runner import HeldoutCase
 from federimed.precision import training_autocast
 from federimed.serving.backend import prompt_ids
 from ingest.dialogues import MEDICATION_PREFIX, NONE
+from ingest.jsonl import read_jsonl
 
 FALLBACK_CANDIDATES = 20
 """Candidates for a diagnosis no training dialogue has: the most frequent medication lines overall."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.metrics import bootstrap_ci, recall, rouge_l, set_scores
 from federimed.serving.backend import Engine, answer_text, prompt_ids
+from ingest.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,6 @@ def load_heldout(data_dir: Path, hospitals: Sequence[str]) -> list[HeldoutCase]:
                 )
             )
     return cases
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `federimed ingest` for this hospital first")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _clean(display: str) -> str:
