@@ -117,8 +117,9 @@ def test_paired_difference_resamples_cases_together() -> None:
         paired_difference([1.0], [1.0, 0.0])
 
 
-def scores(model: str, f1: list[float], retrieval: bool = False) -> ModelScores:
-    rows = [CaseScore(f"c{i}", "h", "", [], v, v, v, None, None, 0.0) for i, v in enumerate(f1)]
+def scores(model: str, f1: list[float], retrieval: bool = False, hospitals: str = "") -> ModelScores:
+    """Case i of `f1` comes from hospital hospitals[i] (one letter each; all from "h" without them)."""
+    rows = [CaseScore(f"c{i}", hospitals[i] if hospitals else "h", "", [], v, v, v, None, None, 0.0) for i, v in enumerate(f1)]
     return ModelScores(model, retrieval, rows)
 
 
@@ -136,6 +137,16 @@ def test_paired_differences_compare_federated_with_the_best_local_and_0_9_centra
     assert rows["federated − base"]["mean"] == pytest.approx(0.75)
     assert rows["federated − pooled counts"]["mean"] == pytest.approx(0.0)
     assert rows["base − pooled counts"]["mean"] == pytest.approx(-0.75)
+
+
+def test_each_hospital_alone_is_compared_on_its_own_cases_only() -> None:
+    models = [scores("local:a", [1.0, 0.0, 0.0, 0.0], hospitals="aabb"), scores("local:b", [0.0, 0.0, 1.0, 1.0], hospitals="aabb"),
+              scores("federated", [1.0, 1.0, 1.0, 0.0], hospitals="aabb")]
+    rows = {r["comparison"]: r for r in paired_differences(models)}
+    assert rows["federated − a alone, on its own cases"]["n"] == 2
+    assert rows["federated − a alone, on its own cases"]["mean"] == pytest.approx(0.5)  # c0: 0, c1: +1
+    assert rows["federated − b alone, on its own cases"]["mean"] == pytest.approx(-0.5)  # c2: 0, c3: −1
+    assert rows["federated − best local-only (local:b)"]["mean"] == pytest.approx(0.25)  # pooled: all four cases
 
 
 def test_the_report_says_plainly_whether_federated_beat_the_best_hospital_alone() -> None:

@@ -27,6 +27,7 @@ def _report(seed: int, federated: list[float], local_a: list[float], local_b: li
     return {
         "run": f"run-{seed}",
         "hospitals": ["a", "b"],
+        "case_hospitals": {"c1": "a", "c2": "a", "c3": "b", "c4": "b"},
         "models": [_entry("base", [0.0, 0.0, 0.5, 0.0]), _entry("federated", federated),
                    _entry("centralized", [1.0, 1.0, 1.0, 0.5]), _entry("local:a", local_a), _entry("local:b", local_b),
                    _entry("federated", [0.0] * 4, retrieval=True)],  # with retrieval: not pooled
@@ -69,6 +70,17 @@ def test_seeds_are_averaged_case_by_case_against_each_seeds_best_local_model() -
     # external: each seed's best local model is the one chosen on the training hospitals' cases
     external = summary["external"]["paired"][0]
     assert external["mean"] == pytest.approx(statistics.fmean([1.0, 0.0, 1.0, 1.0]) - statistics.fmean([0.5, 0.5, 0.5, 1.0]))
+
+
+def test_each_hospital_is_compared_with_itself_alone_on_its_own_cases() -> None:
+    rows = {r["comparison"]: r for r in pool_seeds(REPORTS)["per_hospital"]}
+    # hospital a's cases c1, c2: federated (1.0, 0.75), a alone (0.5, 0.0); b's cases c3, c4: (0.75, 0.5) and (0.5, 0.75)
+    own_a, own_b = rows["federated − a alone, on its own cases"], rows["federated − b alone, on its own cases"]
+    assert own_a["n"] == 2 and own_a["mean"] == pytest.approx(((1.0 - 0.5) + (0.75 - 0.0)) / 2)
+    assert own_b["n"] == 2 and own_b["mean"] == pytest.approx(((0.75 - 0.5) + (0.5 - 0.75)) / 2)
+    assert pool_seeds(REPORTS)["goals"]["every hospital: federated above that hospital alone on its own cases"] is False
+    older = {seed: {k: v for k, v in report.items() if k != "case_hospitals"} for seed, report in REPORTS.items()}
+    assert "per_hospital" not in pool_seeds(older)  # reports written before cases named their hospital
 
 
 def test_the_base_model_may_be_scored_by_one_seed_only() -> None:

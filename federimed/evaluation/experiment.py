@@ -102,6 +102,9 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         "paired": paired,
         "f1_per_round": _rounds(reports),
     }
+    if "case_hospitals" in first:
+        own = {h: averaged(f"local:{h}") for h in first["hospitals"] if f"local:{h}" in per_seed}
+        summary["per_hospital"] = _per_hospital(first["case_hospitals"], federated, own)
     if first.get("external"):
         ext_federated = averaged("federated", "external")
         ext_best = _averaged([_plain(reports[s], "external")[b] for s, b in zip(seeds, best_locals)], "external best local")
@@ -118,6 +121,18 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
             "paired": [_pair("DP federated − federated (the cost of DP)", dp, federated)]}
     summary["goals"] = _goals(summary)
     return summary
+
+
+def _per_hospital(case_hospitals: Mapping[str, str], federated: dict[str, float],
+                  own_locals: Mapping[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Federated − each hospital alone, on that hospital's own held-out cases: whether joining paid off for
+    every hospital, not only on the pooled cases (where the largest hospital's cases weigh most)."""
+    rows = []
+    for hospital, local in own_locals.items():
+        ids = [case for case, where in case_hospitals.items() if where == hospital]
+        rows.append(_pair(f"federated − {hospital} alone, on its own cases",
+                          {i: federated[i] for i in ids}, {i: local[i] for i in ids}))
+    return rows
 
 
 def _means(per_seed: list[dict[str, float]]) -> list[float]:
@@ -150,6 +165,9 @@ def _goals(summary: dict[str, Any]) -> dict[str, Any]:
         "federated ≥ 0.9 × centralized": paired["federated − 0.9 × centralized"]["mean"] >= 0,
         "base lowest": all(models["base"] < v for name, v in models.items() if name != "base"),
     }
+    if summary.get("per_hospital"):
+        goals["every hospital: federated above that hospital alone on its own cases"] = all(
+            row["mean"] > 0 for row in summary["per_hospital"])
     if "external" in summary:
         goals["external hospital: federated above the best local-only"] = summary["external"]["paired"][0]["mean"] > 0
     if "dp" in summary:
@@ -172,8 +190,10 @@ def loss_per_round(curves: Mapping[str, list[list[float | None]]]) -> dict[str, 
 
 
 def all_pairs(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every paired difference of the summary: the training hospitals', the external hospital's, DP's."""
-    return summary["paired"] + summary.get("external", {}).get("paired", []) + summary.get("dp", {}).get("paired", [])
+    """Every paired difference of the summary: on the training hospitals' cases (pooled, then each hospital's
+    own), the external hospital's, DP's."""
+    return (summary["paired"] + summary.get("per_hospital", []) + summary.get("external", {}).get("paired", [])
+            + summary.get("dp", {}).get("paired", []))
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:

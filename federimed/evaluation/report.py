@@ -56,6 +56,7 @@ def build_report(
         "run": run_id,
         "hospitals": hospitals,
         "cases": len(cases),
+        "case_hospitals": {c.id: c.hospital for c in cases},
         "models": models,
         "f1_per_round": list(rounds),
         "external": [{"model": s.model, "retrieval": s.retrieval, "pooled": s.summary(), "case_drug_f1": case_f1(s)}
@@ -74,10 +75,12 @@ def case_f1(scores: ModelScores) -> dict[str, float]:
 
 def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScores] = ()) -> list[dict[str, Any]]:
     """Per-case drug-F1 differences that decide FederiMed's claim, with paired 95 % bootstrap intervals,
-    for each retrieval setting: federated − best local-only (the best by mean), federated − 0.9 ×
-    centralized, federated − base, and every model − pooled counts."""
-    def pair(a: ModelScores, b: ModelScores, label: str, scale: float = 1.0) -> dict[str, Any]:
-        left, right = case_f1(a), case_f1(b)
+    for each retrieval setting: federated − best local-only (the best by mean), federated − each hospital
+    alone on that hospital's own cases, federated − 0.9 × centralized, federated − base, and every model −
+    pooled counts."""
+    def pair(a: ModelScores, b: ModelScores, label: str, scale: float = 1.0, hospital: str | None = None) -> dict[str, Any]:
+        right = case_f1(b)
+        left = {c.id: c.drug_f1 for c in a.cases if hospital is None or c.hospital == hospital}
         ids = [i for i in left if i in right]
         interval = paired_difference([left[i] for i in ids], [right[i] for i in ids], scale=scale)
         return {"comparison": label, "retrieval": a.retrieval, **asdict(interval)}
@@ -92,6 +95,9 @@ def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScor
             if locals_:
                 best = max(locals_, key=lambda s: s.summary()["drug_f1"]["mean"] or 0.0)
                 rows.append(pair(federated, best, f"federated − best local-only ({best.model})"))
+            for own in locals_:
+                hospital = own.model.removeprefix("local:")
+                rows.append(pair(federated, own, f"federated − {hospital} alone, on its own cases", hospital=hospital))
             if "centralized" in models:
                 rows.append(pair(federated, models["centralized"], "federated − 0.9 × centralized", scale=0.9))
             if "base" in models:
