@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from federimed.commands.experiment import SIZES, ExperimentPaths, hospital_names, training_stages
 from federimed.evaluation.experiment import ExperimentError, loss_per_round, pool_seeds
 from federimed.fl.dp import hospital_epsilon, noise_for_epsilon
 
@@ -120,6 +121,19 @@ def test_loss_per_round_averages_the_seeds_that_recorded_each_round() -> None:
     assert [r["mean"] for r in pooled["federated"]] == pytest.approx([0.8, 0.4, 0.2])
     assert [r["seeds"] for r in pooled["federated"]] == [2, 2, 2]
     assert pooled["local:a"] == [{"round": 1, "mean": pytest.approx(0.9), "seeds": 2}]  # round 2: no seed recorded it
+
+
+def test_training_stages_start_the_largest_work_first(tmp_path: Path) -> None:
+    size = SIZES["default"]
+    paths = ExperimentPaths(tmp_path)
+    training, _ = hospital_names(size, data_seed=7)
+    for dialogues, name in zip((5, 30, 2), training):
+        (paths.hospitals / name).mkdir(parents=True)
+        (paths.hospitals / name / "train.jsonl").write_text('{"id": "x"}\n' * dialogues)
+    work = {s.name: s.work() for s in training_stages(paths, size, data_seed=7, split_seed=13, noise=1.0)}
+    assert work["federated seed 0"] == work["centralized seed 0"] == work["federated DP seed 0"] == 37
+    assert [work[f"local {name} seed 0"] for name in training] == [5, 30, 2]
+    assert work["synthesise"] == 0
 
 
 @pytest.mark.parametrize(("epsilon", "rounds"), [(10.0, 4), (4.0, 2), (1.0, 1)])

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from federimed.checkpoints import finished_runs
-from federimed.commands.stages import Stage, StageFailed, run_stages
+from federimed.commands.stages import Stage, StageFailed, run_stages, training_dialogues
 
 console = Console()
 
@@ -108,7 +108,7 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
     everyone = set(hospital_names)
 
     def all_dialogues() -> int:
-        return sum(_dialogues(hospitals_dir / name) for name in hospital_names)
+        return training_dialogues(hospitals_dir, hospital_names)
 
     stages.append(Stage("federated training", ["train", *train_args], [hospitals_dir], after=audits,
                         produced=lambda: bool(finished_runs(runs, "federated")), work=all_dialogues))
@@ -118,16 +118,10 @@ def pipeline_stages(paths: DemoPaths, profile: Profile, seed: int) -> list[Stage
     stages += [
         Stage(f"local-only baseline {name}", ["train", "--mode", "local", "--hospital", name, *train_args],
               [hospitals_dir], after=audits, produced=lambda name=name: bool(finished_runs(runs, "local-only", {name})),
-              work=lambda name=name: _dialogues(hospitals_dir / name))
+              work=lambda name=name: training_dialogues(hospitals_dir, [name]))
         for name in hospital_names
     ]
     return stages
-
-
-def _dialogues(hospital_dir: Path) -> int:
-    """Training dialogues of an ingested hospital: its share of the baselines' training work."""
-    path = hospital_dir / "train.jsonl"
-    return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
 def _newest_federated_run(runs: Path) -> Path:

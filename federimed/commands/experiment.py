@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from federimed.checkpoints import finished_runs, round_metrics
-from federimed.commands.stages import Stage, StageFailed, recorded_seconds, run_stages
+from federimed.commands.stages import Stage, StageFailed, recorded_seconds, run_stages, training_dialogues
 from federimed.evaluation.experiment import ExperimentError, all_pairs, loss_per_round, plot_summary, pool_seeds
 
 console = Console()
@@ -93,8 +93,9 @@ def hospital_names(size: Size, data_seed: int) -> tuple[list[str], str]:
 
 def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_seed: int, noise: float) -> list[Stage]:
     """Synthesise and ingest the hospitals, then train every model of every seed. The DP model's noise
-    multiplier is rounded up, so that its ε stays within the target. The runs with all the data come first and
-    the hospitals alone (which together do as much work as one of them) last, so that two lanes stay busy."""
+    multiplier is rounded up, so that its ε stays within the target. Each training stage's work is its
+    training dialogues: the runs with all the data start first and the hospitals alone (which together do as
+    much work as one of them) last, the largest first, so that two lanes stay busy."""
     training, external = hospital_names(size, data_seed)
     stages = [Stage("synthesise", ["synth", "--out", str(paths.synthea), "--hospitals", str(HOSPITALS + 1),
                                    "--patients", str(size.patients), "--seed", str(data_seed), "--force"],
@@ -119,7 +120,8 @@ def training_stages(paths: ExperimentPaths, size: Size, data_seed: int, split_se
         for job, where, mode, trained_on, args in jobs:
             stages.append(Stage(f"{job} seed {seed}", ["train", *common, "--runs-dir", str(where), *args],
                                 [paths.hospitals], after=ingested,
-                                produced=lambda where=where, mode=mode, on=trained_on: bool(finished_runs(where, mode, on))))
+                                produced=lambda where=where, mode=mode, on=trained_on: bool(finished_runs(where, mode, on)),
+                                work=lambda on=trained_on or training: training_dialogues(paths.hospitals, on)))
     return stages
 
 

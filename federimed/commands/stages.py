@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,6 +24,12 @@ from federimed.memory import with_allocator
 POLL_S = 0.5
 STOP_GRACE_S = 60.0
 """How long a stage stopped with SIGINT (which lets `federimed train` stop its Flower processes) may take."""
+
+
+def training_dialogues(data_dir: Path, hospitals: Iterable[str]) -> int:
+    """Training dialogues of ingested hospitals: a training stage's `work` (0 before ingest has written them)."""
+    paths = [data_dir / name / "train.jsonl" for name in hospitals]
+    return sum(sum(1 for line in p.open(encoding="utf-8") if line.strip()) for p in paths if p.is_file())
 
 
 class StageFailed(RuntimeError):
