@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from federimed.evaluation.compare import spaced_rounds
+from federimed.checkpoints import RunDir
+from federimed.evaluation import compare
+from federimed.evaluation.compare import f1_per_round, spaced_rounds
 from federimed.evaluation.drugs import DrugVocabulary
 from federimed.evaluation.report import build_report, write_report
 from federimed.evaluation.runner import HeldoutCase, ModelScores, load_heldout, score_answer
@@ -87,3 +89,25 @@ def test_report_tables_plots_and_finite_numbers(tmp_path: Path, vocab: DrugVocab
 ])
 def test_per_round_scoring_keeps_evenly_spaced_rounds_ending_with_the_last(rounds, points: int, scored: list[int]) -> None:
     assert spaced_rounds(list(rounds), points) == scored
+
+
+def test_rounds_are_scored_at_the_spaced_points_with_progress(tmp_path: Path, vocab: DrugVocabulary,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for n in range(1, 9):
+        (tmp_path / f"round-{n}").mkdir()
+        (tmp_path / f"round-{n}" / "metrics.json").write_text(json.dumps({"round": n}))
+    cases = [_case(f"c{i}", "general", {"lisinopril"}, "") for i in range(3)]
+    loaded: list[str] = []
+    monkeypatch.setattr("federimed.serving.select.load_engine", lambda settings, adapter, purpose: loaded.append(adapter.name))
+
+    def answer(label, engine, cases, vocab, *, on_batch, **kwargs):  # every answer right: F1 1.0
+        on_batch(len(cases))
+        return ModelScores(label, False, [score_answer(c, "Start medications: lisinopril.", vocab) for c in cases])
+
+    monkeypatch.setattr(compare, "score_model", answer)
+    seen: list[tuple[str, int, int]] = []
+    rows = f1_per_round(RunDir(tmp_path), cases, vocab, settings=None, known={0: 0.0, 8: 0.9}, points=4,
+                        progress=lambda label, done, total: seen.append((label, done, total)))
+    assert [r["round"] for r in rows] == [0, 2, 4, 6, 8] and loaded == ["round-2", "round-4", "round-6"]
+    assert seen == [("round 2", 3, 9), ("round 4", 6, 9), ("round 6", 9, 9)]  # round 8 was known: not answered again
+    assert [r["drug_f1"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 0.9]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -87,18 +88,23 @@ def evaluate(
                   console=console) as bar:
         task = bar.add_task("answering held-out cases", total=1)
 
-        lines = None if console.is_terminal else ProgressLines("answered held-out cases")
+        def reporter(what: str) -> Callable[[str, int, int], None]:
+            """Progress of one phase, on the bar and (when output is a log file, where no bar is drawn) as lines."""
+            lines = None if console.is_terminal else ProgressLines(what)
 
-        def progress(label: str, done: int, total: int) -> None:
-            bar.update(task, description=f"answering held-out cases ({label})", completed=done, total=total)
-            if lines:  # a log file: no bar is drawn there
-                lines(done, total, label)
+            def progress(label: str, done: int, total: int) -> None:
+                bar.update(task, description=f"{what} ({label})", completed=done, total=total)
+                if lines:
+                    lines(done, total, label)
+            return progress
 
-        scores = evaluate_contenders(contenders, cases, vocab, retrieval=modes[retrieval], progress=progress, **options)
+        scores = evaluate_contenders(contenders, cases, vocab, retrieval=modes[retrieval],
+                                     progress=reporter("answered held-out cases"), **options)
         external_scores = []
         if external:
             ext_cases = load_heldout(external.parent, [external.name])[:max_cases]
-            external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False], **options)
+            external_scores = evaluate_contenders(contenders, ext_cases, vocab, retrieval=[False],
+                                                  progress=reporter(f"answered {external.name}'s cases"), **options)
         artefact = latest_artefact(runs_dir)
         if artefact is not None and (why := stale_for(artefact, data, hospitals)):
             err.print(f"[yellow]cohort counts not given as context:[/] the newest artefact in {runs_dir} is stale: {why} "
@@ -113,7 +119,7 @@ def evaluate(
         known = {0: plain["base"]} if "base" in plain else {}  # round 0: the global adapter starts from the base
         if "federated" in plain:
             known[latest_round(federated.path)[0]] = plain["federated"]
-        per_round = f1_per_round(federated, cases, vocab, settings, known, round_points,
+        per_round = f1_per_round(federated, cases, vocab, settings, known, round_points, reporter("scored rounds"),
                                  max_new_tokens=max_new_tokens) if rounds else []
     try:
         counts = count_baselines(data, hospitals, cases, vocab, min_cell)

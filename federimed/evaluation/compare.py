@@ -164,6 +164,7 @@ def f1_per_round(
     settings: ModelSettings,
     known: dict[int, float] | None = None,
     points: int | None = None,
+    progress: Progress | None = None,
     **kwargs: Any,
 ) -> list[dict[str, float]]:
     """Pooled drug F1 (no retrieval) of the global adapter after each federated round (at most `points` of
@@ -173,12 +174,21 @@ def f1_per_round(
 
     rows = [{"round": 0, "drug_f1": known[0]}] if known and 0 in known else []
     saved = [int(m["round"]) for m in round_metrics(federated.path)]
-    for n in spaced_rounds(saved, points or len(saved)):
+    chosen = spaced_rounds(saved, points or len(saved))
+    total, done = len(cases) * sum(1 for n in chosen if not (known and n in known)), 0
+    for n in chosen:
         if known and n in known:
             rows.append({"round": n, "drug_f1": known[n]})
             continue
+
+        def tick(answered: int, label: str = f"round {n}") -> None:
+            nonlocal done
+            done += answered
+            if progress:
+                progress(label, done, total)
+
         engine = load_engine(settings, federated.path / f"round-{n}", purpose="evaluation")
-        scores = score_model(f"round-{n}", engine, cases, vocab, **kwargs)
+        scores = score_model(f"round-{n}", engine, cases, vocab, on_batch=tick, **kwargs)
         rows.append({"round": n, "drug_f1": scores.summary()["drug_f1"]["mean"]})
     return rows
 
