@@ -172,12 +172,13 @@ def f1_per_round(
     `known` (round → F1, e.g. the last one, already scored as "federated") are not generated again."""
     from federimed.serving.select import load_engine
 
-    rows = [{"round": 0, "drug_f1": known[0]}] if known and 0 in known else []
+    known = known or {}
+    rows = [{"round": 0, "drug_f1": known[0]}] if 0 in known else []
     saved = [int(m["round"]) for m in round_metrics(federated.path)]
     chosen = spaced_rounds(saved, points or len(saved))
-    total, done = len(cases) * sum(1 for n in chosen if not (known and n in known)), 0
+    total, done = len(cases) * sum(1 for n in chosen if n not in known), 0
     for n in chosen:
-        if known and n in known:
+        if n in known:
             rows.append({"round": n, "drug_f1": known[n]})
             continue
 

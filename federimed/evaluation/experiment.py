@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from federimed.evaluation.metrics import paired_difference
+from federimed.evaluation.report import own_cases_label
 
 SeedReports = Mapping[int, dict[str, Any]]
 """`federimed evaluate` reports (report.json) by training seed."""
@@ -130,7 +131,7 @@ def _per_hospital(case_hospitals: Mapping[str, str], federated: dict[str, float]
     rows = []
     for hospital, local in own_locals.items():
         ids = [case for case, where in case_hospitals.items() if where == hospital]
-        rows.append(_pair(f"federated − {hospital} alone, on its own cases",
+        rows.append(_pair(own_cases_label(hospital),
                           {i: federated[i] for i in ids}, {i: local[i] for i in ids}))
     return rows
 

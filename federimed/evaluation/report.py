@@ -73,6 +73,11 @@ def case_f1(scores: ModelScores) -> dict[str, float]:
     return {c.id: c.drug_f1 for c in scores.cases}
 
 
+def own_cases_label(hospital: str) -> str:
+    """The paired difference of the federated model and one hospital alone, on that hospital's cases."""
+    return f"federated − {hospital} alone, on its own cases"
+
+
 def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScores] = ()) -> list[dict[str, Any]]:
     """Per-case drug-F1 differences that decide FederiMed's claim, with paired 95 % bootstrap intervals,
     for each retrieval setting: federated − best local-only (the best by mean), federated − each hospital
@@ -97,7 +102,7 @@ def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScor
                 rows.append(pair(federated, best, f"federated − best local-only ({best.model})"))
             for own in locals_:
                 hospital = own.model.removeprefix("local:")
-                rows.append(pair(federated, own, f"federated − {hospital} alone, on its own cases", hospital=hospital))
+                rows.append(pair(federated, own, own_cases_label(hospital), hospital=hospital))
             if "centralized" in models:
                 rows.append(pair(federated, models["centralized"], "federated − 0.9 × centralized", scale=0.9))
             if "base" in models:
