@@ -19,10 +19,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from federimed.checkpoints import RunDir, new_run, save_round
+from federimed.checkpoints import RunDir, new_run, resume_state, save_round
 from federimed.config import RunSettings
 from federimed.memory import peak_rss_mb
-from federimed.model import add_lora, load_base
+from federimed.model import add_lora, load_adapter_state, load_base
 from federimed.training import Example, encode_dialogues, evaluate_loss, load_dialogues, train_local
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ def train_centralized(
     total_steps: int | None = None,
     *,
     progress: bool = False,
+    resume: RunDir | None = None,
 ) -> RunDir:
-    """Train one adapter on the pooled training sets of `hospitals` (default: all under `data_dir`)."""
+    """Train one adapter on the pooled training sets of `hospitals` (default: all under `data_dir`), or
+    continue the interrupted run `resume` (`_run`)."""
     hospitals = list(hospitals or hospital_names(data_dir))
-    return _run(data_dir, hospitals, hospitals, "centralized", settings, runs_dir, total_steps, progress)
+    return _run(data_dir, hospitals, hospitals, "centralized", settings, runs_dir, total_steps, progress, resume)
 
 
 def train_local_only(
@@ -78,10 +80,12 @@ def train_local_only(
     *,
     eval_hospitals: Sequence[str] | None = None,
     progress: bool = False,
+    resume: RunDir | None = None,
 ) -> RunDir:
-    """Train an adapter on one hospital's data alone; score it on every hospital's held-out set by default."""
+    """Train an adapter on one hospital's data alone; score it on every hospital's held-out set by default.
+    `resume`: an interrupted run of the same training to continue (`_run`)."""
     evaluated = list(eval_hospitals or hospital_names(data_dir))
-    return _run(data_dir, [hospital], evaluated, "local-only", settings, runs_dir, total_steps, progress)
+    return _run(data_dir, [hospital], evaluated, "local-only", settings, runs_dir, total_steps, progress, resume)
 
 
 def _run(
@@ -93,7 +97,11 @@ def _run(
     runs_dir: Path,
     total_steps: int | None,
     progress: bool,
+    resume: RunDir | None,
 ) -> RunDir:
+    """Train and checkpoint each round. `resume`, an interrupted run of the same training
+    (`federimed.checkpoints.unfinished_run`), continues from its last saved round: sampling is seeded by
+    step and every round starts a fresh optimizer, so it ends as the run that was not interrupted."""
     train_dialogues = {h: load_split(data_dir, h, "train") for h in train_on}
     heldout_dialogues = {h: load_split(data_dir, h, "heldout") for h in evaluate_on}
     model, tokenizer = load_base(settings.model)
@@ -105,13 +113,20 @@ def _run(
             raise ValueError(f"hospital {hospital!r} has no usable training dialogues in {Path(data_dir) / hospital}")
     heldout = {h: settings.heldout_sample(encode_dialogues(tokenizer, d, seq_len)) for h, d in heldout_dialogues.items()}
     pooled = [e for examples in train.values() for e in examples]
-    total_steps = total_steps or budget_steps(settings, {h: len(e) for h, e in train.items()}, mode)
+    sizes = {h: len(e) for h, e in train.items()}
+    total_steps = total_steps or budget_steps(settings, sizes, mode)
     if total_steps % settings.rounds:
         raise ValueError(f"total_steps={total_steps} must split evenly into rounds={settings.rounds} checkpoints")
     chunk = total_steps // settings.rounds
-    run = new_run(runs_dir, settings, mode, {h: len(e) for h, e in train.items()})
-    log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)
-    for round_num in range(1, settings.rounds + 1):
+    run, done = resume, 0
+    if run is not None:
+        done, state = resume_state(run.path)
+        load_adapter_state(model, state)
+        log.info("%s run %s: continuing after round %d of %d", mode, run.id, done, settings.rounds)
+    else:
+        run = new_run(runs_dir, settings, mode, sizes)
+        log.info("%s run %s: %d steps over %d dialogues, %d checkpoints", mode, run.id, total_steps, len(pooled), settings.rounds)
+    for round_num in range(done + 1, settings.rounds + 1):
         result = train_local(
             model, tokenizer, pooled, settings.train,
             steps=chunk, start_step=(round_num - 1) * chunk, total_steps=total_steps, progress=progress,

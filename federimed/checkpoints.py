@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -269,6 +269,26 @@ def finished_runs(runs_dir: Path, mode: str, hospitals: set[str] | None = None) 
         if info["mode"] == mode and info.get("rounds_completed") and (hospitals is None or set(info["hospitals"]) == hospitals):
             found.append((info["created"], path.parent))
     return [p for _, p in sorted(found)]
+
+
+def unfinished_run(
+    runs_dir: Path, mode: str, hospitals: Collection[str], settings: RunSettings, data: Collection[Path],
+    recipe: Mapping[str, Any] | None = None,
+) -> RunDir | None:
+    """The newest run under `runs_dir` that an interrupted `train` left part-way, to continue rather than
+    redo: of `mode`, on exactly `hospitals`, under the same `settings` (and federation `recipe`), started
+    after the training files `data` were last written, with at least one round saved and fewer than
+    planned. None when there is no such run."""
+    wanted = {"mode": mode, "settings": settings.model_dump(mode="json"), "recipe": dict(recipe) if recipe else None}
+    written = max((int(path.stat().st_mtime) for path in data), default=0)  # whole seconds as in run.json; ties refused
+    found = None
+    for run in _runs(Path(runs_dir)):  # oldest first: run ids begin with their start time
+        info = run.info()
+        same = all(info.get(key) == value for key, value in wanted.items()) and set(info["hospitals"]) == set(hospitals)
+        if same and datetime.fromisoformat(info["created"]).timestamp() > written \
+                and 0 < info["rounds_completed"] < info["rounds_planned"]:
+            found = run
+    return found
 
 
 def _runs(runs_dir: Path) -> list[RunDir]:

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 from dialogue_samples import dialogues, write_jsonl
+from safetensors.torch import load_file
 
+from federimed import baselines
 from federimed.baselines import budget_steps, hospital_names, train_centralized, train_local_only
-from federimed.checkpoints import list_versions, resume_state
+from federimed.checkpoints import list_versions, resume_state, unfinished_run
 from federimed.config import LoraSettings, RunSettings, TrainSettings
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -79,3 +81,32 @@ def test_budget_must_split_into_rounds_and_hospital_must_exist(data_dir, tmp_pat
         train_local_only(data_dir, "south", SETTINGS, tmp_path / "runs", total_steps=3)
     with pytest.raises(FileNotFoundError, match="'east' has no train set"):
         train_local_only(data_dir, "east", SETTINGS, tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continued_ends_as_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    whole = train_centralized(data_dir, None, SETTINGS, tmp_path / "whole")
+    real_train, calls = baselines.train_local, []
+
+    def stopped_in_round_two(*args, **kwargs):
+        calls.append(kwargs["start_step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl+C, or the machine switched off, in the middle of round 2
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "train_local", stopped_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_centralized(data_dir, None, SETTINGS, tmp_path / "runs")
+    monkeypatch.setattr(baselines, "train_local", real_train)
+    files = [data_dir / h / "train.jsonl" for h in ("north", "south")]
+    stopped = unfinished_run(tmp_path / "runs", "centralized", ["north", "south"], SETTINGS, files)
+    assert stopped is not None and stopped.info()["rounds_completed"] == 1
+
+    continued = train_centralized(data_dir, None, SETTINGS, tmp_path / "runs", resume=stopped)
+    assert continued == stopped and continued.info()["rounds_completed"] == 2
+    assert unfinished_run(tmp_path / "runs", "centralized", ["north", "south"], SETTINGS, files) is None
+    for n in (1, 2):
+        finished = [json.loads((run.path / f"round-{n}" / "metrics.json").read_text()) for run in (whole, continued)]
+        assert finished[0]["steps"] == finished[1]["steps"] and finished[0]["train_loss"] == finished[1]["train_loss"]
+        a, b = (load_file(run.path / f"round-{n}" / "adapter_model.safetensors") for run in (whole, continued))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

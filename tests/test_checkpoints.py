@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from federimed.checkpoints import (
     resolve_checkpoint,
     resume_state,
     save_round,
+    unfinished_run,
 )
 from federimed.config import LoraSettings, RunSettings, TrainSettings
 from federimed.model import adapter_state, add_lora, load_base, load_for_inference
@@ -139,3 +141,34 @@ def test_plot_losses_draws_overall_and_per_hospital_curves(tmp_path, trained):
     empty = new_run(tmp_path, SETTINGS, "federated", {"north": 4})
     with pytest.raises(CheckpointError, match="no round metrics"):
         plot_losses(empty.path)
+
+
+def test_unfinished_run_is_the_newest_part_way_run_of_the_same_training(tmp_path, trained):
+    peft, _, _ = trained
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    os.utime(data, (1_700_000_000, 1_700_000_000))  # written long before any run below
+    runs = tmp_path / "runs"
+    recipe = {"aggregator": "fednova", "proximal_mu": 0.0}
+
+    def part_way(settings=SETTINGS, mode="federated", hospitals=("north", "south"), rounds=1, recipe=recipe):
+        run = new_run(runs, settings, mode, dict.fromkeys(hospitals, 4), recipe)
+        for n in range(1, rounds + 1):
+            save_round(run, n, peft, {"train_loss": 1.0})
+        return run
+
+    part_way(rounds=0)  # nothing saved: nothing to continue
+    part_way(rounds=2)  # finished
+    part_way(settings=SETTINGS.model_copy(update={"rounds": 3}))
+    part_way(hospitals=("north",))
+    part_way(recipe={"aggregator": "median", "proximal_mu": 0.0})
+    part_way(mode="centralized", recipe=None)
+    older, newest = part_way(), part_way()
+    assert older.id < newest.id
+    assert unfinished_run(runs, "federated", ["south", "north"], SETTINGS, [data], recipe) == newest
+    assert unfinished_run(runs, "centralized", ["north", "south"], SETTINGS, [data]).info()["mode"] == "centralized"
+    assert unfinished_run(runs, "federated", ["north", "south"], SETTINGS.model_copy(update={"rounds": 5}), [data],
+                          recipe) is None
+    assert unfinished_run(runs, "local-only", ["north"], SETTINGS, [data]) is None
+    data.touch()  # the data changed after the runs started: they trained on other data
+    assert unfinished_run(runs, "federated", ["north", "south"], SETTINGS, [data], recipe) is None

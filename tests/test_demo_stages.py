@@ -104,3 +104,15 @@ def test_a_failed_stage_stops_the_others_and_shows_its_output(tmp_path: Path) ->
 def test_unknown_dependencies_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown"):
         run_stages([stage(tmp_path, "a", after=["nope"])], tmp_path / "state", lanes=1, console=console())
+
+
+def test_a_training_stage_continues_an_unfinished_run_without_changing_its_fingerprint(tmp_path: Path) -> None:
+    training = Stage("federated", ["train", "--data", "d", "--rounds", "8"])
+    other = Stage("evaluation", ["evaluate", "--run", "r"])
+    assert training.command()[-1] == "--continue-unfinished" and "--continue-unfinished" not in other.command()
+    assert training.fingerprint() == Stage("federated", ["train", "--data", "d", "--rounds", "8"]).fingerprint()
+    assert training.fingerprint() != Stage("federated", ["train", "--data", "d", "--rounds", "4"]).fingerprint()
+    state = tmp_path / ".stages"
+    run_stages([Stage("t", ["train", "--rounds", "8"], program=(sys.executable, "-c", "pass"))], state, lanes=1,
+               console=console())
+    assert log_path(state, "t").read_text().splitlines()[0] == "$ federimed train --rounds 8 --continue-unfinished"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from federimed.cli import app
@@ -109,6 +110,35 @@ def test_a_run_resumes_only_with_the_recipe_it_was_trained_with(tmp_path: Path) 
     assert not (runs / ".flower").exists()
     assert ServerOptions(aggregator="fedavg", proximal_mu=0.1).resume_mismatch(recipe) is None
     assert ServerOptions().resume_mismatch(None) is None  # a run from before recipes were recorded
+
+
+def test_continue_unfinished_picks_up_the_run_an_interruption_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from federimed.checkpoints import new_run, save_round
+    from federimed.commands import train as train_command
+    from federimed.fl.settings import ServerOptions
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    make_hospital(data, "alpha", 2)
+    make_hospital(data, "beta", 3)
+    os.utime(data / "alpha" / "train.jsonl", (1_700_000_000, 1_700_000_000))
+    os.utime(data / "beta" / "train.jsonl", (1_700_000_000, 1_700_000_000))
+    settings = train_command._settings(rounds=3, epochs=1, local_steps=1, batch_size=2, seq_len=64, lr=1e-3, seed=0,
+                                       base_model="smollm2-135m-instruct")  # what the options below ask for
+    run = new_run(runs, settings, "federated", {"alpha": 2, "beta": 3}, ServerOptions(settings=settings).recipe())
+    save_round(run, 1, {"w": torch.zeros(2)}, {"train_loss": 1.0})
+    started = []
+    monkeypatch.setattr(train_command, "federate_with_progress", lambda found, options: started.append(options) or run.path)
+    args = ["train", "--data", str(data), "--runs-dir", str(runs), "--rounds", "3", "--local-steps", "1",
+            "--batch-size", "2", "--seq-len", "64"]
+
+    result = _invoke(*args, "--continue-unfinished")
+    assert result.exit_code == 0, result.output
+    assert started[-1].resume_run == run.id and f"continuing the unfinished run {run.id} after round 1 of 3" in result.output
+    for other in (["--seed", "1"], ["--proximal-mu", "0.1"], ["--hospitals", "alpha"]):  # another training: a new run
+        assert _invoke(*args, *other, "--continue-unfinished").exit_code == 0 and started[-1].resume_run == ""
+    assert _invoke(*args).exit_code == 0 and started[-1].resume_run == ""  # without the flag: a new run
+    result = _invoke(*args, "--continue-unfinished", "--resume")
+    assert result.exit_code == 2 and "use one" in result.output
 
 
 @pytest.mark.slow

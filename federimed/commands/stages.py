@@ -24,6 +24,9 @@ from federimed.memory import with_allocator
 POLL_S = 0.5
 STOP_GRACE_S = 60.0
 """How long a stage stopped with SIGINT (which lets `federimed train` stop its Flower processes) may take."""
+CONTINUE = ("--continue-unfinished",)
+"""What a training stage adds to its command line: a stage stopped part-way (Ctrl+C, a machine switched off)
+continues its run from the last saved round when it runs again, instead of starting over."""
 
 
 def training_dialogues(data_dir: Path, hospitals: Iterable[str]) -> int:
@@ -82,8 +85,13 @@ class Stage:
             and self.produced()
         )
 
+    def arguments(self) -> list[str]:
+        """`args`, and for a training stage `CONTINUE` (left out of the fingerprint: it does not change what the
+        stage produces)."""
+        return [*self.args, *(CONTINUE if self.trains else ())]
+
     def command(self) -> list[str]:
-        return [*self.program, *self.args]
+        return [*self.program, *self.arguments()]
 
 
 @dataclass
@@ -153,7 +161,7 @@ def recorded_seconds(stages: Sequence[Stage], state_dir: Path) -> dict[str, floa
 
 def _start(stage: Stage, state_dir: Path, bar: Progress, threads: int | None) -> _Running:
     log = log_path(state_dir, stage.name).open("w", encoding="utf-8")
-    log.write(f"$ federimed {' '.join(stage.args)}\n")
+    log.write(f"$ federimed {' '.join(stage.arguments())}\n")
     log.flush()
     env = (with_allocator(os.environ) if stage.trains else dict(os.environ)) | {"PYTHONUNBUFFERED": "1"}
     if threads and "OMP_NUM_THREADS" not in env:
@@ -161,7 +169,8 @@ def _start(stage: Stage, state_dir: Path, bar: Progress, threads: int | None) ->
     process = subprocess.Popen(  # its own session: Ctrl+C reaches it through `_stop`, once
         stage.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
     )
-    bar.console.print(f"[bold]▶ {stage.name}[/]  [dim]federimed {' '.join(stage.args)}[/]", soft_wrap=True)
+    bar.console.print(f"[bold]▶ {stage.name}[/]  [dim]federimed {' '.join(stage.arguments())}[/]",
+                      soft_wrap=True)
     return _Running(stage, process, time.perf_counter(), log, bar.add_task(stage.name))
 
 

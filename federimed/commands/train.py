@@ -233,6 +233,10 @@ def train(
     dtype: Dtype = "auto",
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
+    continue_unfinished: Annotated[bool, typer.Option(
+        help="Continue the newest run under --runs-dir that stopped part-way with this mode, these hospitals and "
+        "the same settings, from its last saved round; start a new run if there is none. For scripts that may be "
+        "interrupted: the continued run ends as an uninterrupted one would.")] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
@@ -272,8 +276,11 @@ def train(
         raise fail(str(err)) from None
     settings = _settings(rounds, epochs, local_steps, batch_size, seq_len, lr, seed, base_model, heldout_max, precision,
                          checkpointing, dtype, micro_batch_size)
+    if resume and continue_unfinished:
+        raise fail("--resume continues a named or the latest run; --continue-unfinished finds one itself: use one")
     if mode != "federated":
-        run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume)
+        unfinished = _unfinished(runs_dir, found, mode, hospital, settings) if continue_unfinished else None
+        run_path = _baseline(data, found, mode, hospital, settings, runs_dir, resume, unfinished)
     else:
         options = _server_options(
             aggregator, settings=settings, hospitals=len(found), min_hospitals=1, runs_dir=runs_dir.resolve(),
@@ -286,23 +293,43 @@ def train(
             secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
             secagg_quantization_range=secagg_quantization_range,
         )
+        if continue_unfinished and (run := _unfinished(runs_dir, found, mode, None, settings, options.recipe())):
+            options = options.model_copy(update={"resume_run": run.id})
         run_path = federate_with_progress(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
 
 
-def _baseline(data: Path, found: list[Path], mode: str, hospital: str | None, settings, runs_dir: Path, resume: bool):
+def _unfinished(runs_dir: Path, found: list[Path], mode: str, hospital: str | None, settings, recipe=None):
+    """The run that an interrupted `train` of this mode, these hospitals and settings left part-way (None:
+    there is none, start a new one), announced."""
+    from federimed.checkpoints import latest_round, unfinished_run
+
+    trained_on = [h for h in found if mode != "local" or h.name == hospital]
+    run = unfinished_run(runs_dir, "local-only" if mode == "local" else mode, [h.name for h in trained_on], settings,
+                         [h / "train.jsonl" for h in trained_on], recipe)
+    if run is not None:
+        console.print(f"continuing the unfinished run {run.id} after round {latest_round(run.path)[0]} of "
+                      f"{settings.rounds}")
+    return run
+
+
+def _baseline(
+    data: Path, found: list[Path], mode: str, hospital: str | None, settings, runs_dir: Path, resume: bool,
+    unfinished,
+):
     from federimed.baselines import train_centralized, train_local_only
     from federimed.checkpoints import plot_losses
 
     if resume:
-        raise fail("--resume continues federated runs only")
+        raise fail("--resume continues federated runs only (baselines: --continue-unfinished)")
     names = [h.name for h in found]
     if mode == "local":
         if hospital is None or hospital not in names:
             raise fail(f"--mode local needs --hospital, one of: {', '.join(names)}")
-        run = train_local_only(data, hospital, settings, runs_dir, eval_hospitals=names, progress=True)
+        run = train_local_only(data, hospital, settings, runs_dir, eval_hospitals=names, progress=True,
+                               resume=unfinished)
     else:
-        run = train_centralized(data, names, settings, runs_dir, progress=True)
+        run = train_centralized(data, names, settings, runs_dir, progress=True, resume=unfinished)
     plot_losses(run.path)
     return run.path
 
