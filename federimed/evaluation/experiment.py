@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from federimed.evaluation.metrics import paired_difference
-from federimed.evaluation.report import own_cases_label
+from federimed.evaluation.report import VS_BASE, VS_BEST_LOCAL, VS_CENTRALIZED, own_cases_label
 
 SeedReports = Mapping[int, dict[str, Any]]
 """`federimed evaluate` reports (report.json) by training seed."""
@@ -86,9 +86,9 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
     best_local = _averaged([_plain(reports[s])[b] for s, b in zip(seeds, best_locals)], "best local-only")
     federated = averaged("federated")
     paired = [
-        _pair("federated − best local-only", federated, best_local),
-        _pair("federated − 0.9 × centralized", federated, averaged("centralized"), scale=0.9),
-        _pair("federated − base", federated, averaged("base")),
+        _pair(VS_BEST_LOCAL, federated, best_local),
+        _pair(VS_CENTRALIZED, federated, averaged("centralized"), scale=0.9),
+        _pair(VS_BASE, federated, averaged("base")),
     ]
     pooled_counts = {c["model"]: c["case_drug_f1"] for c in first["counts"]}.get("counts:pooled")
     if pooled_counts is not None:
@@ -112,7 +112,7 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         summary["external"] = {
             "cases": len(ext_federated),
             "models": {name: _spread(_means(_model(reports, name, "external"))) for name in _names(reports, "external")},
-            "paired": [_pair("federated − best local-only (chosen on the training hospitals)", ext_federated, ext_best)],
+            "paired": [_pair(f"{VS_BEST_LOCAL} (chosen on the training hospitals)", ext_federated, ext_best)],
         }
     if dp_reports:
         dp = _averaged(_model(dp_reports, "federated"), "DP federated")
@@ -159,11 +159,11 @@ def _rounds(reports: SeedReports) -> list[dict[str, float]]:
 def _goals(summary: dict[str, Any]) -> dict[str, Any]:
     """Issue 13's acceptance, read off the summary: each goal and whether this run met it."""
     paired = {p["comparison"]: p for p in summary["paired"]}
-    beats = paired["federated − best local-only"]
+    beats = paired[VS_BEST_LOCAL]
     models = {name: m["mean"] for name, m in summary["models"].items()}
     goals: dict[str, Any] = {
         "federated beats the best local-only (95 % interval above 0)": beats["low"] is not None and beats["low"] > 0,
-        "federated ≥ 0.9 × centralized": paired["federated − 0.9 × centralized"]["mean"] >= 0,
+        "federated ≥ 0.9 × centralized": paired[VS_CENTRALIZED]["mean"] >= 0,
         "base lowest": all(models["base"] < v for name, v in models.items() if name != "base"),
     }
     if summary.get("per_hospital"):

@@ -73,6 +73,12 @@ def case_f1(scores: ModelScores) -> dict[str, float]:
     return {c.id: c.drug_f1 for c in scores.cases}
 
 
+VS_BEST_LOCAL = "federated − best local-only"
+VS_CENTRALIZED = "federated − 0.9 × centralized"
+VS_BASE = "federated − base"
+"""Labels of the paired differences that decide FederiMed's claim (the report's and the experiment's)."""
+
+
 def own_cases_label(hospital: str) -> str:
     """The paired difference of the federated model and one hospital alone, on that hospital's cases."""
     return f"federated − {hospital} alone, on its own cases"
@@ -99,14 +105,14 @@ def paired_differences(scores: Sequence[ModelScores], counts: Sequence[ModelScor
         if federated is not None:
             if locals_:
                 best = max(locals_, key=lambda s: s.summary()["drug_f1"]["mean"] or 0.0)
-                rows.append(pair(federated, best, f"federated − best local-only ({best.model})"))
+                rows.append(pair(federated, best, f"{VS_BEST_LOCAL} ({best.model})"))
             for own in locals_:
                 hospital = own.model.removeprefix("local:")
                 rows.append(pair(federated, own, own_cases_label(hospital), hospital=hospital))
             if "centralized" in models:
-                rows.append(pair(federated, models["centralized"], "federated − 0.9 × centralized", scale=0.9))
+                rows.append(pair(federated, models["centralized"], VS_CENTRALIZED, scale=0.9))
             if "base" in models:
-                rows.append(pair(federated, models["base"], "federated − base"))
+                rows.append(pair(federated, models["base"], VS_BASE))
             if WITH_COUNTS in models:
                 rows.append(pair(models[WITH_COUNTS], federated, "federated with cohort counts − federated"))
         if pooled is not None:
@@ -156,7 +162,7 @@ def paired_rows(report: dict[str, Any]) -> list[list[str]]:
 def verdict(report: dict[str, Any]) -> str:
     """One plain sentence: did federated beat the best hospital alone on this run (no retrieval), and
     is the paired interval clear of zero?"""
-    row = next((r for r in report.get("paired", []) if r["comparison"].startswith("federated − best local-only")
+    row = next((r for r in report.get("paired", []) if r["comparison"].startswith(VS_BEST_LOCAL)
                 and not r["retrieval"]), None)
     if row is None or row["mean"] is None:
         return "Federated against local-only: not compared on this run."
