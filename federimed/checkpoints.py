@@ -275,20 +275,31 @@ def unfinished_run(
     runs_dir: Path, mode: str, hospitals: Collection[str], settings: RunSettings, data: Collection[Path],
     recipe: Mapping[str, Any] | None = None,
 ) -> RunDir | None:
-    """The newest run under `runs_dir` that an interrupted `train` left part-way, to continue rather than
-    redo: of `mode`, on exactly `hospitals`, under the same `settings` (and federation `recipe`), started
-    after the training files `data` were last written, with at least one round saved and fewer than
-    planned. None when there is no such run."""
-    wanted = {"mode": mode, "settings": settings.model_dump(mode="json"), "recipe": dict(recipe) if recipe else None}
-    written = max((int(path.stat().st_mtime) for path in data), default=0)  # whole seconds as in run.json; ties refused
-    found = None
+    """The run an interrupted `train` left part-way, to continue rather than redo, or None: the newest run
+    under `runs_dir` of `mode` on exactly `hospitals`, if it has the same `settings` (and federation
+    `recipe`, on the fields the run recorded), started after the files of `data` that exist were last
+    written, and has at least one round saved and fewer than planned. Unreadable runs are passed over."""
+    newest = None
     for run in _runs(Path(runs_dir)):  # oldest first: run ids begin with their start time
-        info = run.info()
-        same = all(info.get(key) == value for key, value in wanted.items()) and set(info["hospitals"]) == set(hospitals)
-        if same and datetime.fromisoformat(info["created"]).timestamp() > written \
-                and 0 < info["rounds_completed"] < info["rounds_planned"]:
-            found = run
-    return found
+        try:
+            info = run.info()
+        except CheckpointError:
+            continue
+        if info.get("mode") == mode and set(info.get("hospitals", ())) == set(hospitals):
+            newest = run, info
+    if newest is None:
+        return None
+    run, info = newest
+    recorded, saved = info.get("recipe"), latest_round(run.path)
+    if info.get("settings") != settings.model_dump(mode="json") or (recorded is None) != (recipe is None):
+        return None
+    if recipe is not None and any(recorded[key] != value for key, value in recipe.items() if key in recorded):
+        return None
+    if saved is None or saved[0] >= info["rounds_planned"]:
+        return None
+    written = max((int(p.stat().st_mtime) for p in data if p.exists()), default=0)  # whole seconds, as in run.json
+    # (a run started in the second the data was written may have read the older data: it is not continued)
+    return run if datetime.fromisoformat(info["created"]).timestamp() > written else None
 
 
 def _runs(runs_dir: Path) -> list[RunDir]:

@@ -143,7 +143,7 @@ def test_plot_losses_draws_overall_and_per_hospital_curves(tmp_path, trained):
         plot_losses(empty.path)
 
 
-def test_unfinished_run_is_the_newest_part_way_run_of_the_same_training(tmp_path, trained):
+def test_unfinished_run_is_the_newest_run_of_its_kind_when_it_stopped_part_way(tmp_path, trained):
     peft, _, _ = trained
     data = tmp_path / "train.jsonl"
     data.write_text("{}\n")
@@ -151,24 +151,33 @@ def test_unfinished_run_is_the_newest_part_way_run_of_the_same_training(tmp_path
     runs = tmp_path / "runs"
     recipe = {"aggregator": "fednova", "proximal_mu": 0.0}
 
-    def part_way(settings=SETTINGS, mode="federated", hospitals=("north", "south"), rounds=1, recipe=recipe):
+    def run_with(rounds=1, settings=SETTINGS, mode="federated", hospitals=("north", "south"), recipe=recipe):
         run = new_run(runs, settings, mode, dict.fromkeys(hospitals, 4), recipe)
         for n in range(1, rounds + 1):
             save_round(run, n, peft, {"train_loss": 1.0})
         return run
 
-    part_way(rounds=0)  # nothing saved: nothing to continue
-    part_way(rounds=2)  # finished
-    part_way(settings=SETTINGS.model_copy(update={"rounds": 3}))
-    part_way(hospitals=("north",))
-    part_way(recipe={"aggregator": "median", "proximal_mu": 0.0})
-    part_way(mode="centralized", recipe=None)
-    older, newest = part_way(), part_way()
-    assert older.id < newest.id
-    assert unfinished_run(runs, "federated", ["south", "north"], SETTINGS, [data], recipe) == newest
-    assert unfinished_run(runs, "centralized", ["north", "south"], SETTINGS, [data]).info()["mode"] == "centralized"
-    assert unfinished_run(runs, "federated", ["north", "south"], SETTINGS.model_copy(update={"rounds": 5}), [data],
-                          recipe) is None
-    assert unfinished_run(runs, "local-only", ["north"], SETTINGS, [data]) is None
-    data.touch()  # the data changed after the runs started: they trained on other data
-    assert unfinished_run(runs, "federated", ["north", "south"], SETTINGS, [data], recipe) is None
+    def unfinished(mode="federated", hospitals=("south", "north"), settings=SETTINGS, recipe=recipe):
+        return unfinished_run(runs, mode, hospitals, settings, [data, tmp_path / "no-heldout.jsonl"], recipe)
+
+    assert unfinished() is None  # no runs dir yet
+    run_with(rounds=0)
+    assert unfinished() is None  # nothing saved: nothing to continue
+    stopped = run_with()
+    run_with(mode="centralized", recipe=None)  # other kinds of run do not hide it
+    run_with(hospitals=("north",))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "run.json").write_text("{not json")
+    assert unfinished() == stopped
+    assert unfinished(recipe={**recipe, "dp_delta": 1e-5}) == stopped  # a field the run did not record yet
+    assert unfinished(recipe={**recipe, "aggregator": "median"}) is None
+    assert unfinished(recipe=None) is None
+    assert unfinished(settings=SETTINGS.model_copy(update={"rounds": 5})) is None
+    assert unfinished(mode="centralized", hospitals=("north", "south"), recipe=None).info()["mode"] == "centralized"
+    assert unfinished(mode="local-only", hospitals=("north",), recipe=None) is None
+    run_with(rounds=2)  # a newer run of the same kind finished: the stopped one is history
+    assert unfinished() is None
+    newest = run_with()
+    assert unfinished() == newest
+    data.touch()  # the data changed after the run started: it trained on other data
+    assert unfinished() is None

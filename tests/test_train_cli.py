@@ -120,8 +120,8 @@ def test_continue_unfinished_picks_up_the_run_an_interruption_left(tmp_path: Pat
     data, runs = tmp_path / "data", tmp_path / "runs"
     make_hospital(data, "alpha", 2)
     make_hospital(data, "beta", 3)
-    os.utime(data / "alpha" / "train.jsonl", (1_700_000_000, 1_700_000_000))
-    os.utime(data / "beta" / "train.jsonl", (1_700_000_000, 1_700_000_000))
+    for written in data.glob("*/*.jsonl"):
+        os.utime(written, (1_700_000_000, 1_700_000_000))
     settings = train_command._settings(rounds=3, epochs=1, local_steps=1, batch_size=2, seq_len=64, lr=1e-3, seed=0,
                                        base_model="smollm2-135m-instruct")  # what the options below ask for
     run = new_run(runs, settings, "federated", {"alpha": 2, "beta": 3}, ServerOptions(settings=settings).recipe())
@@ -139,6 +139,29 @@ def test_continue_unfinished_picks_up_the_run_an_interruption_left(tmp_path: Pat
     assert _invoke(*args).exit_code == 0 and started[-1].resume_run == ""  # without the flag: a new run
     result = _invoke(*args, "--continue-unfinished", "--resume")
     assert result.exit_code == 2 and "use one" in result.output
+    fedavgm = new_run(runs, settings, "federated", {"alpha": 2, "beta": 3},
+                      ServerOptions(settings=settings, aggregator="fedavgm").recipe())
+    save_round(fedavgm, 1, {"w": torch.zeros(2)}, {"train_loss": 1.0})
+    assert _invoke(*args, "--aggregator", "fedavgm", "--continue-unfinished").exit_code == 0
+    assert started[-1].resume_run == ""  # its server momentum was not saved: it cannot go on as it would have
+
+    # the baselines: each mode finds its own kind of run, and only on unchanged data
+    from federimed import baselines
+
+    trained = []
+    for name in ("train_centralized", "train_local_only"):
+        monkeypatch.setattr(baselines, name, lambda *a, resume=None, **k: trained.append(resume) or resume or run)
+    local = new_run(runs, settings, "local-only", {"beta": 3})
+    save_round(local, 1, {"w": torch.zeros(2)}, {"train_loss": 1.0})
+    result = _invoke(*args, "--mode", "local", "--hospital", "beta", "--continue-unfinished")
+    assert result.exit_code == 0, result.output
+    assert trained[-1] == local and f"continuing the unfinished run {local.id}" in result.output
+    assert _invoke(*args, "--mode", "local", "--hospital", "alpha", "--continue-unfinished").exit_code == 0
+    assert trained[-1] is None
+    assert _invoke(*args, "--mode", "centralized", "--continue-unfinished").exit_code == 0 and trained[-1] is None
+    os.utime(data / "alpha" / "heldout.jsonl")  # a held-out set it is scored on changed since it started
+    assert _invoke(*args, "--mode", "local", "--hospital", "beta", "--continue-unfinished").exit_code == 0
+    assert trained[-1] is None
 
 
 @pytest.mark.slow

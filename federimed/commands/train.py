@@ -234,9 +234,11 @@ def train(
     run_id: Annotated[str | None, typer.Option(help="With --resume: the run to continue (default: latest).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from its last checkpoint.")] = False,
     continue_unfinished: Annotated[bool, typer.Option(
-        help="Continue the newest run under --runs-dir that stopped part-way with this mode, these hospitals and "
-        "the same settings, from its last saved round; start a new run if there is none. For scripts that may be "
-        "interrupted: the continued run ends as an uninterrupted one would.")] = False,
+        help="If the newest run under --runs-dir of this mode and these hospitals stopped part-way, with the same "
+        "settings and recipe, on data not written since, continue it from its last saved round; else start a new run. "
+        "For scripts that may be interrupted: the rounds left run with the seeds and schedule of an uninterrupted run "
+        "(the same adapter for baselines and stateless aggregators; fedavgm, whose momentum is not saved, starts anew)."
+    )] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = None,
     trim_fraction: TrimFraction = 0.34,
@@ -293,7 +295,8 @@ def train(
             secagg_max_weight=secagg_max_weight, secagg_clipping_range=secagg_clipping_range,
             secagg_quantization_range=secagg_quantization_range,
         )
-        if continue_unfinished and (run := _unfinished(runs_dir, found, mode, None, settings, options.recipe())):
+        if continue_unfinished and options.aggregator != "fedavgm" and (
+                run := _unfinished(runs_dir, found, mode, None, settings, options.recipe())):
             options = options.model_copy(update={"resume_run": run.id})
         run_path = federate_with_progress(found, options)
     console.print(f"[green]done:[/] {run_path} (loss plot: {run_path / 'loss.png'})")
@@ -301,12 +304,14 @@ def train(
 
 def _unfinished(runs_dir: Path, found: list[Path], mode: str, hospital: str | None, settings, recipe=None):
     """The run that an interrupted `train` of this mode, these hospitals and settings left part-way (None:
-    there is none, start a new one), announced."""
+    there is none, start a new one), announced. Its data must not have changed since it started: the
+    training sets it trains on and the held-out sets it is scored on."""
     from federimed.checkpoints import latest_round, unfinished_run
 
     trained_on = [h for h in found if mode != "local" or h.name == hospital]
+    data = [h / "train.jsonl" for h in trained_on] + [h / "heldout.jsonl" for h in found]
     run = unfinished_run(runs_dir, "local-only" if mode == "local" else mode, [h.name for h in trained_on], settings,
-                         [h / "train.jsonl" for h in trained_on], recipe)
+                         data, recipe)
     if run is not None:
         console.print(f"continuing the unfinished run {run.id} after round {latest_round(run.path)[0]} of "
                       f"{settings.rounds}")

@@ -53,7 +53,8 @@ def to_run_config(settings: RunSettings) -> dict[str, Scalar]:
 
 RECIPE_FIELDS = frozenset({
     "aggregator", "server_lr", "server_momentum", "trim_fraction", "proximal_mu", "max_update_norm",
-    "dp", "dp_noise_multiplier", "dp_clip", "secagg",
+    "dp", "dp_noise_multiplier", "dp_clip", "dp_delta", "secagg", "secagg_max_weight", "secagg_clipping_range",
+    "secagg_quantization_range",
 })
 
 
