@@ -237,7 +237,7 @@ def train(
         help="If the newest run under --runs-dir of this mode and these hospitals stopped part-way, with the same "
         "settings and recipe, on data not written since, continue it from its last saved round; else start a new run. "
         "For scripts that may be interrupted: the rounds left run with the seeds and schedule of an uninterrupted run "
-        "(the same adapter for baselines and stateless aggregators; fedavgm, whose momentum is not saved, starts anew)."
+        "(a baseline ends with the same adapter; fedavgm, whose momentum is not saved, starts anew)."
     )] = False,
     max_update_norm: MaxUpdateNorm = 0.0,
     aggregator: Aggregator = None,
