@@ -44,25 +44,27 @@ def finished_run(runs_dir: Path, mode: str, hospitals: set[str], passes: int) ->
 
 
 def train(mode: str, hospital: str | None, args: argparse.Namespace, log_dir: Path) -> Path:
-    """Train one model with the CLI (or, with `--reuse`, take a finished run of it); its run folder."""
-    if args.reuse:
-        trained_on = {hospital} if hospital else set(args.hospitals)
-        if run := finished_run(args.runs_dir, "local-only" if mode == "local" else mode, trained_on, args.passes):
-            print(f"reusing {run} for {mode} {hospital or ''}", flush=True)
-            return run
-    before = {p.parent for p in args.runs_dir.glob("*/run.json")}
+    """Train one model with the CLI (or, with `--reuse`, take a finished run of it); its run folder. A run
+    stopped part-way (an earlier sitting) continues from its last round."""
+    trained_on = {hospital} if hospital else set(args.hospitals)
+    kind = "local-only" if mode == "local" else mode
+    if args.reuse and (run := finished_run(args.runs_dir, kind, trained_on, args.passes)):
+        print(f"reusing {run} for {mode} {hospital or ''}", flush=True)
+        return run
     argv = [sys.executable, "-m", "federimed.cli", "train", "--mode", mode, "--data", str(args.data),
             "--runs-dir", str(args.runs_dir), "--rounds", str(args.passes), "--epochs", str(args.passes),
-            "--batch-size", str(args.batch_size), "--precision", args.precision]
+            "--batch-size", str(args.batch_size), "--precision", args.precision, "--continue-unfinished"]
     argv += ["--hospital", hospital] if hospital else []
     log = log_dir / f"{mode}{'-' + hospital if hospital else ''}.log"
     print(f"training {mode} {hospital or ''} (log: {log})", flush=True)
     started = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("a") as out:  # a continued run adds to its earlier sitting's log
         code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code:
         raise SystemExit(f"{mode} training failed (exit {code}); see {log}")
-    (run,) = {p.parent for p in args.runs_dir.glob("*/run.json")} - before
+    run = finished_run(args.runs_dir, kind, trained_on, args.passes)  # the newest: the one just trained
+    if run is None:
+        raise SystemExit(f"{mode} training ended without a finished {args.passes}-round run in {args.runs_dir}; see {log}")
     print(f"  done in {time.perf_counter() - started:.0f} s: {run}", flush=True)
     return run
 

