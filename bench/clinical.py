@@ -5,7 +5,8 @@ Writes bench/results/clinical.json: the number of pooled held-out cases, the see
 per seed, the paired differences with their 95 % intervals (federated − best local-only, − 0.9 ×
 centralized, − base, − pooled counts; the external hospital; the DP model's cost), whether each goal
 was met, the wall time of this invocation (`seconds`: stages done by an earlier one are skipped), each
-stage's time when it ran (`stage_seconds`, whichever invocation ran it) and the CPU. `--quick` writes clinical_quick.json instead (a smoke run);
+stage's time when it ran (`stage_seconds`, whichever invocation ran it) and the CPU, and the report's plot
+beside it (clinical.png). `--quick` writes clinical_quick.json instead (a smoke run);
 `--out NAME` another file (a run with fewer seeds than the recorded one, say)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +49,8 @@ def main() -> None:
     out = RESULTS / (args.out or ("clinical_quick.json" if args.quick else "clinical.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    shutil.copyfile(args.workdir / "report" / "experiment.png", out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

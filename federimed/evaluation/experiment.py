@@ -112,7 +112,7 @@ def pool_seeds(reports: SeedReports, dp_reports: SeedReports | None = None, dp_e
         summary["external"] = {
             "cases": len(ext_federated),
             "models": {name: _spread(_means(_model(reports, name, "external"))) for name in _names(reports, "external")},
-            "paired": [_pair(f"{VS_BEST_LOCAL} (chosen on the training hospitals)", ext_federated, ext_best)],
+            "paired": [_pair(f"{VS_BEST_LOCAL} on the external hospital (chosen on the training hospitals)", ext_federated, ext_best)],
         }
     if dp_reports:
         dp = _averaged(_model(dp_reports, "federated"), "DP federated")
